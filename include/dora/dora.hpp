@@ -1,0 +1,11 @@
+#pragma once
+/// \file dora.hpp
+/// Umbrella header: LoRA and DoRA adapter layers on Eigen.
+
+#include "base_layer.hpp"
+#include "config.hpp"
+#include "dora_linear.hpp"
+#include "init.hpp"
+#include "lora_linear.hpp"
+#include "row_norm.hpp"
+#include "version.hpp"

@@ -1,0 +1,270 @@
+#pragma once
+/// \file dora_linear.hpp
+/// DoRA on a frozen linear layer (PEFT's lora.Linear with use_dora=True):
+///   V = W + s B A,  n_i = ||V_i||,  g = m / n,  y = (x V^T) diag(g) + b
+/// with PEFT's dropout semantics in training (dropout acts on the adapter branch only):
+///   y = x W^T + b + (g - 1) (xd W^T) + g (s (xd A^T) B^T)
+///
+/// Rows with a zero direction. PEFT divides by n_i and returns inf/NaN where V_i = 0. Here a row
+/// whose n_i is exactly zero, or whose scale m_i / n_i overflows (with m_i and n_i finite), is
+/// inactive: its scale g_i is 0, its output is the bias, its merged row is zero, and no gradient
+/// flows through it (dm_i = 0). Non-finite m, W, A, B or x are not hidden: NaN/inf propagate.
+
+#include <limits>
+
+#include "detail/adapter.hpp"
+#include "row_norm.hpp"
+
+namespace dora {
+
+/// What merge() returns: the merged weight and what unmerge() needs (PEFT caches the same).
+template <typename Scalar>
+struct DoraMerge {
+  Matrix<Scalar> weight;    ///< W' = diag(m / n) (W + s B A), d_out x d_in
+  Vector<Scalar> row_norm;  ///< n at merge time
+  Vector<Scalar> scale;     ///< m / n at merge time (0 on inactive rows)
+};
+
+template <typename Scalar>
+class DoraLinear : public detail::Adapter<Scalar> {
+  using Base = detail::Adapter<Scalar>;
+
+ public:
+  using MatrixType = Matrix<Scalar>;
+  using VectorType = Vector<Scalar>;
+  using Index = Eigen::Index;
+
+  /// A as config.init says, B = 0, m = ||W_i|| (so the layer starts equal to the base layer).
+  DoraLinear(const BaseLayer<Scalar>& base, const AdapterConfig& config) : Base(base, config) { setup(); }
+  /// Starts from the given A and B; m = row norms of W + s B A (PEFT's magnitude initialisation).
+  DoraLinear(const BaseLayer<Scalar>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
+             const Eigen::Ref<const MatrixType>& B)
+      : Base(base, config, A, B) {
+    setup();
+  }
+
+  /// m (d_out), PEFT lora_magnitude_vector.
+  const VectorType& magnitude() const { return m_; }
+  Eigen::Ref<VectorType> magnitude() { return m_; }
+  const VectorType& grad_magnitude() const { return grad_m_; }
+  Eigen::Ref<VectorType> grad_magnitude() { return grad_m_; }
+  void set_magnitude(const Eigen::Ref<const VectorType>& m) {
+    DORA_CHECK_ARG(m.size() == this->d_out(), "magnitude must have d_out = ", this->d_out(), " entries, got ", m.size());
+    m_ = m;
+  }
+  /// m = ||W_i + s B_i A|| with the current A and B.
+  void reset_magnitude() { m_ = compute_row_norm(); }
+
+  /// Call after changing the borrowed W (or bias) in place: ||W_i||^2 is cached.
+  void refresh_base() {
+    w_sq_ = this->base_.weight.rowwise().squaredNorm();
+    cache_valid_ = false;
+  }
+
+  NormGradient norm_gradient() const { return this->config_.norm_gradient; }
+  void set_norm_gradient(NormGradient mode) { this->config_.norm_gradient = mode; }
+
+  /// Row norms n used by the last forward.
+  const VectorType& row_norm() const { return n_; }
+  /// Row norms of W + s B A with the current A, B (factored; see row_norm.hpp).
+  VectorType compute_row_norm() const {
+    detail::FactoredRowNorm<Scalar> work;
+    work.resize(this->d_out(), this->d_in(), this->rank());
+    VectorType n(this->d_out());
+    work.compute(this->base_.weight, w_sq_, this->A_, this->B_, this->scaling_, n);
+    return n;
+  }
+  /// Rows recomputed directly by the last norm computation (cancellation, overflow, underflow).
+  Index rows_recomputed() const { return rows_recomputed_; }
+
+  /// y = (x V^T) diag(m / n) + b (with dropout in training mode). y is N x d_out, not aliasing x.
+  /// In evaluation mode n is computed once and reused while A, B and m are unchanged.
+  void forward(const Eigen::Ref<const MatrixType>& x, Eigen::Ref<MatrixType> y) {
+    this->check_input(x, y);
+    this->save_input(x);
+    update_scale();
+    const typename BaseLayer<Scalar>::WeightMap& W = this->base_.weight;
+    const Scalar s = this->scaling_;
+    const Index N = this->batch_;
+    h_.resize(N, this->d_out());
+    if (!this->dropout_applied_) {
+      h_.noalias() = this->xd_ * W.transpose();
+      h_.noalias() += s * this->u_ * this->B_.transpose();
+      for (Index t = 0; t < N; ++t) y.row(t) = h_.row(t).cwiseProduct(g_.transpose());
+    } else {
+      // y = x W^T + s u B^T + (g - 1) hd: the base product of the undropped x is needed too.
+      y.noalias() = x * W.transpose();
+      y.noalias() += s * this->u_ * this->B_.transpose();
+      h_.noalias() = this->xd_ * W.transpose();
+      h_.noalias() += s * this->u_ * this->B_.transpose();
+      for (Index t = 0; t < N; ++t)
+        y.row(t).array() += h_.row(t).array() * (g_.transpose().array() - Scalar(1));
+    }
+    if (this->base_.has_bias()) y.rowwise() += this->base_.bias.transpose();
+    this->saved_ = true;
+  }
+  MatrixType forward(const Eigen::Ref<const MatrixType>& x) {
+    MatrixType y(x.rows(), this->d_out());
+    forward(x, y);
+    return y;
+  }
+
+  /// Accumulates dA, dB, dm from dy (N x d_out) and writes dx (N x d_in). Releases the saved activations.
+  void backward(const Eigen::Ref<const MatrixType>& dy, Eigen::Ref<MatrixType> dx) {
+    this->check_grad_output(dy, &dx);
+    backward_impl(dy, &dx);
+  }
+  MatrixType backward(const Eigen::Ref<const MatrixType>& dy) {
+    MatrixType dx(this->batch_, this->d_in());
+    backward(dy, dx);
+    return dx;
+  }
+  /// Accumulates dA, dB, dm only.
+  void backward_parameters(const Eigen::Ref<const MatrixType>& dy) {
+    this->check_grad_output(dy, nullptr);
+    backward_impl(dy, nullptr);
+  }
+
+  void zero_grad() {
+    this->grad_A_.setZero();
+    this->grad_B_.setZero();
+    grad_m_.setZero();
+  }
+
+  std::vector<Parameter<Scalar>> parameters() {
+    return {{"lora_A", {this->A_.data(), this->A_.size()}, {this->grad_A_.data(), this->grad_A_.size()}},
+            {"lora_B", {this->B_.data(), this->B_.size()}, {this->grad_B_.data(), this->grad_B_.size()}},
+            {"lora_magnitude_vector", {m_.data(), m_.size()}, {grad_m_.data(), grad_m_.size()}}};
+  }
+
+  /// W' = diag(m / n) (W + s B A) with the current parameters (PEFT merge); bias unchanged.
+  DoraMerge<Scalar> merge() const {
+    DoraMerge<Scalar> out;
+    out.row_norm = compute_row_norm();
+    out.scale.resize(this->d_out());
+    for (Index i = 0; i < this->d_out(); ++i) out.scale[i] = scale_of(m_[i], out.row_norm[i]);
+    out.weight = this->base_.weight;
+    out.weight.noalias() += this->scaling_ * this->B_ * this->A_;
+    out.weight = out.scale.asDiagonal() * out.weight;
+    return out;
+  }
+  /// W = W' / (m / n) - s B A, with the scale cached at merge time and the current A, B (PEFT unmerge).
+  /// An inactive row (scale 0) had V_i = 0, i.e. W_i = -s B_i A, which is what it returns there.
+  MatrixType unmerge(const DoraMerge<Scalar>& merged) const {
+    DORA_CHECK_ARG(merged.weight.rows() == this->d_out() && merged.weight.cols() == this->d_in() &&
+                       merged.scale.size() == this->d_out(),
+                   "merged weight must be d_out x d_in = ", this->d_out(), " x ", this->d_in(), " with ", this->d_out(),
+                   " scales, got ", merged.weight.rows(), " x ", merged.weight.cols(), " and ", merged.scale.size());
+    MatrixType W(this->d_out(), this->d_in());
+    for (Index i = 0; i < this->d_out(); ++i) {
+      const Scalar g = merged.scale[i];
+      if (g != Scalar(0)) W.row(i) = merged.weight.row(i) / g;
+      else W.row(i).setZero();
+    }
+    W.noalias() -= this->scaling_ * this->B_ * this->A_;
+    return W;
+  }
+
+ private:
+  // An inactive row: see the file comment. NaN/inf in m or n is left to propagate.
+  static bool inactive(Scalar m, Scalar n) {
+    return std::isfinite(m) && std::isfinite(n) && (n == Scalar(0) || !std::isfinite(m / n));
+  }
+  // g_i = m_i / n_i, or 0 on an inactive row.
+  static Scalar scale_of(Scalar m, Scalar n) { return inactive(m, n) ? Scalar(0) : m / n; }
+
+  void setup() {
+    const Index d_out = this->d_out();
+    norm_.resize(d_out, this->d_in(), this->rank());
+    n_.resize(d_out);
+    n_div_.resize(d_out);
+    g_.resize(d_out);
+    dm_.resize(d_out);
+    beta_.resize(d_out);
+    Q_.resize(d_out, this->rank());
+    Kb_.resize(this->rank(), this->rank());
+    grad_m_ = VectorType::Zero(d_out);
+    refresh_base();
+    reset_magnitude();
+  }
+
+  bool cache_matches() const {
+    return cache_valid_ && A_seen_ == this->A_ && B_seen_ == this->B_ && m_seen_ == m_;
+  }
+
+  // n, g (and P = W A^T, K = A A^T for the exact gradient) for the current A, B, m. In
+  // evaluation mode they are reused while A, B and m are bitwise unchanged: the comparison costs
+  // r (d_in + d_out) + d_out reads, against d_out d_in r for recomputing, and cannot go stale
+  // whichever way the parameters were changed.
+  void update_scale() {
+    if (!this->training_ && cache_matches()) return;
+    rows_recomputed_ = norm_.compute(this->base_.weight, w_sq_, this->A_, this->B_, this->scaling_, n_);
+    for (Index i = 0; i < this->d_out(); ++i) {
+      g_[i] = scale_of(m_[i], n_[i]);
+      // Dividing by +inf makes dm_i and the exact-mode term vanish on inactive rows.
+      n_div_[i] = inactive(m_[i], n_[i]) ? std::numeric_limits<Scalar>::infinity() : n_[i];
+    }
+    A_seen_ = this->A_;
+    B_seen_ = this->B_;
+    m_seen_ = m_;
+    cache_valid_ = true;
+  }
+
+  void backward_impl(const Eigen::Ref<const MatrixType>& G, Eigen::Ref<MatrixType>* dx) {
+    const typename BaseLayer<Scalar>::WeightMap& W = this->base_.weight;
+    const Scalar s = this->scaling_;
+    const Index N = this->batch_;
+    // dm_i = sum_t G_ti h_ti / n_i (h is the dropped-input branch under dropout).
+    dm_.noalias() = G.cwiseProduct(h_).colwise().sum().transpose();
+    dm_.array() /= n_div_.array();
+    grad_m_ += dm_;
+    // h is no longer needed: it becomes Gg = G diag(g), so DoRA keeps one N x d_out buffer, not two.
+    for (Index t = 0; t < N; ++t) h_.row(t) = G.row(t).cwiseProduct(g_.transpose());
+    this->grad_B_.noalias() += s * h_.transpose() * this->u_;
+    this->accumulate_A(h_);
+    if (this->config_.norm_gradient == NormGradient::exact) accumulate_norm_gradient();
+    if (dx != nullptr) {
+      if (!this->dropout_applied_) {
+        dx->noalias() = h_ * W;
+        dx->noalias() += this->du_ * this->A_;
+      } else {
+        // dx = G W + mask * [(Gg - G) W + du A]; xd is no longer needed and holds the bracket.
+        dx->noalias() = G * W;
+        h_ -= G;
+        this->xd_.noalias() = h_ * W;
+        this->xd_.noalias() += this->du_ * this->A_;
+        *dx += this->xd_.cwiseProduct(this->mask_);
+      }
+    }
+    this->saved_ = false;
+  }
+
+  // The norm's share of dA and dB, with beta_i = -g_i dm_i / n_i = dL/dn_i / n_i:
+  //   dB += s diag(beta) (P + s B K),   dA += s [(diag(beta) B)^T W + s ((diag(beta) B)^T B) A]
+  void accumulate_norm_gradient() {
+    const Scalar s = this->scaling_;
+    beta_ = -(g_.array() * dm_.array() / n_div_.array()).matrix();
+    Q_ = norm_.P();
+    Q_.noalias() += s * this->B_ * norm_.K();
+    Q_.array().colwise() *= beta_.array();
+    this->grad_B_.noalias() += s * Q_;
+    Q_ = this->B_;
+    Q_.array().colwise() *= beta_.array();
+    this->grad_A_.noalias() += s * Q_.transpose() * this->base_.weight;
+    Kb_.noalias() = Q_.transpose() * this->B_;
+    this->grad_A_.noalias() += (s * s) * Kb_ * this->A_;
+  }
+
+  VectorType m_, grad_m_;
+  VectorType w_sq_;  // ||W_i||^2, fixed while W is
+  detail::FactoredRowNorm<Scalar> norm_;
+  VectorType n_, n_div_, g_, dm_, beta_;
+  MatrixType h_, Q_, Kb_;
+  Index rows_recomputed_ = 0;
+  // Evaluation-mode cache of n and g: valid for exactly these parameter values.
+  bool cache_valid_ = false;
+  MatrixType A_seen_, B_seen_;
+  VectorType m_seen_;
+};
+
+}  // namespace dora

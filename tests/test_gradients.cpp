@@ -1,0 +1,228 @@
+// Gradients against central finite differences, in double.
+//  - exact mode (DoRA) and LoRA: the numerical gradient of the layer's own output;
+//  - detached mode (DoRA): the numerical gradient of the same function with the row norm held
+//    constant, written out densely here (an oracle independent of the library's factored code);
+//  - dropout: the mask is held fixed by reseeding the mask generator before every evaluation.
+// The objective is f = sum(y .* dy) for a fixed random dy, so df/dy = dy.
+
+#include <functional>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "test_support.hpp"
+
+using namespace dora_test;
+using M = Mat<double>;
+using V = Vec<double>;
+
+namespace {
+
+struct Shape {
+  Eigen::Index d_out, d_in, rank, batch;
+};
+const std::vector<Shape> kShapes = {{5, 7, 1, 3}, {8, 6, 3, 4}, {12, 20, 4, 5}, {3, 9, 8, 2}};
+
+struct Problem {
+  M W, x, dy, A, B;
+  V bias;
+  dora::AdapterConfig config;
+};
+
+Problem make_problem(const Shape& s, std::uint64_t seed, double dropout, dora::NormGradient mode, bool rslora) {
+  Problem p;
+  p.W = random_matrix<double>(s.d_out, s.d_in, seed);
+  p.bias = random_vector<double>(s.d_out, seed + 1);
+  p.x = random_matrix<double>(s.batch, s.d_in, seed + 2);
+  p.dy = random_matrix<double>(s.batch, s.d_out, seed + 3);
+  p.A = random_matrix<double>(s.rank, s.d_in, seed + 4, 0.5);
+  p.B = random_matrix<double>(s.d_out, s.rank, seed + 5, 0.5);
+  p.config.rank = s.rank;
+  p.config.alpha = 2.0 * static_cast<double>(s.rank) + 1.0;
+  p.config.use_rslora = rslora;
+  p.config.dropout = dropout;
+  p.config.norm_gradient = mode;
+  p.config.seed = seed;
+  return p;
+}
+
+constexpr std::uint64_t kMaskSeed = 1234;
+constexpr double kStep = 1e-6;
+constexpr double kTolerance = 1e-6;
+
+// Central difference of f with respect to every entry of p (p is restored).
+template <typename Param>
+M numerical_gradient(Param&& p, const std::function<double()>& f) {
+  M g(p.rows(), p.cols());
+  for (Eigen::Index i = 0; i < p.rows(); ++i)
+    for (Eigen::Index j = 0; j < p.cols(); ++j) {
+      const double old = p(i, j);
+      const double h = kStep * std::max(1.0, std::abs(old));
+      p(i, j) = old + h;
+      const double fp = f();
+      p(i, j) = old - h;
+      const double fm = f();
+      p(i, j) = old;
+      g(i, j) = (fp - fm) / (2.0 * h);
+    }
+  return g;
+}
+
+template <typename Layer>
+double layer_objective(Layer& layer, const M& x, const M& dy) {
+  layer.seed_dropout(kMaskSeed);
+  const M y = layer.forward(x);
+  return (y.array() * dy.array()).sum();
+}
+
+// DoRA's output with the row norm frozen at n0 (PEFT's dropout semantics), formed densely:
+//   y = x W^T + b + (xd V^T) diag(m / n0) - xd W^T,  V = W + s B A,  xd = x .* mask
+M dora_frozen_norm_output(const Problem& p, const M& x, const M& A, const M& B, const V& m, const V& n0, double s,
+                          const M* mask) {
+  const M V_dir = p.W + s * B * A;
+  const M xd = mask != nullptr ? M(x.cwiseProduct(*mask)) : x;
+  M y = x * p.W.transpose() - xd * p.W.transpose() + (xd * V_dir.transpose()) * m.cwiseQuotient(n0).asDiagonal();
+  y.rowwise() += p.bias.transpose();
+  return y;
+}
+
+void check(const char* what, const M& analytic, const M& numeric) {
+  const double err = rel_err(analytic, numeric);
+  INFO(what << ": relative error vs central differences = " << err);
+  CHECK(err <= kTolerance);
+}
+
+void check_lora(const Shape& s, double dropout, bool rslora) {
+  Problem p = make_problem(s, 100 + static_cast<std::uint64_t>(s.d_out), dropout, dora::NormGradient::detached, rslora);
+  dora::LoraLinear<double> layer(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+  layer.seed_dropout(kMaskSeed);
+  layer.forward(p.x);
+  const M dx = layer.backward(p.dy);
+  M x = p.x;
+  const std::function<double()> f_x = [&] { return layer_objective(layer, x, p.dy); };
+  const std::function<double()> f = [&] { return layer_objective(layer, p.x, p.dy); };
+  check("LoRA dx", dx, numerical_gradient(x, f_x));
+  check("LoRA dA", layer.grad_lora_A(), numerical_gradient(layer.lora_A(), f));
+  check("LoRA dB", layer.grad_lora_B(), numerical_gradient(layer.lora_B(), f));
+}
+
+void check_dora_exact(const Shape& s, double dropout, bool rslora) {
+  Problem p = make_problem(s, 200 + static_cast<std::uint64_t>(s.d_in), dropout, dora::NormGradient::exact, rslora);
+  dora::DoraLinear<double> layer(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+  // Move m away from the row norms so that g != 1 and dm, beta are not special.
+  layer.magnitude().array() *= 1.0 + 0.3 * random_vector<double>(s.d_out, 7).array();
+  layer.seed_dropout(kMaskSeed);
+  layer.forward(p.x);
+  const M dx = layer.backward(p.dy);
+  M x = p.x;
+  const std::function<double()> f_x = [&] { return layer_objective(layer, x, p.dy); };
+  const std::function<double()> f = [&] { return layer_objective(layer, p.x, p.dy); };
+  check("DoRA exact dx", dx, numerical_gradient(x, f_x));
+  check("DoRA exact dA", layer.grad_lora_A(), numerical_gradient(layer.lora_A(), f));
+  check("DoRA exact dB", layer.grad_lora_B(), numerical_gradient(layer.lora_B(), f));
+  check("DoRA exact dm", layer.grad_magnitude(), numerical_gradient(layer.magnitude(), f));
+}
+
+void check_dora_detached(const Shape& s, double dropout, bool rslora) {
+  Problem p = make_problem(s, 300 + static_cast<std::uint64_t>(s.rank), dropout, dora::NormGradient::detached, rslora);
+  dora::DoraLinear<double> layer(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+  layer.magnitude().array() *= 1.0 + 0.3 * random_vector<double>(s.d_out, 8).array();
+  layer.seed_dropout(kMaskSeed);
+  const M y = layer.forward(p.x);
+  const M dx = layer.backward(p.dy);
+  const V n0 = layer.row_norm();
+  const double sc = layer.scaling();
+  const M* mask = dropout > 0 ? &layer.dropout_mask() : nullptr;
+  M x = p.x, A = p.A, B = p.B;
+  M m = layer.magnitude();
+  const auto objective = [&] {
+    const M yo = dora_frozen_norm_output(p, x, A, B, m, n0, sc, mask);
+    return (yo.array() * p.dy.array()).sum();
+  };
+  // The oracle is the layer's function: same output at the same point.
+  const double same = rel_err(y, dora_frozen_norm_output(p, x, A, B, m, n0, sc, mask));
+  INFO("layer output vs dense oracle: " << same);
+  REQUIRE(same <= 1e-13);
+  check("DoRA detached dx", dx, numerical_gradient(x, objective));
+  check("DoRA detached dA", layer.grad_lora_A(), numerical_gradient(A, objective));
+  check("DoRA detached dB", layer.grad_lora_B(), numerical_gradient(B, objective));
+  check("DoRA detached dm", layer.grad_magnitude(), numerical_gradient(m, objective));
+}
+
+}  // namespace
+
+TEST_CASE("LoRA gradients match central differences", "[gradients][lora]") {
+  for (const Shape& s : kShapes) {
+    INFO("d_out " << s.d_out << " d_in " << s.d_in << " r " << s.rank << " N " << s.batch);
+    check_lora(s, 0.0, false);
+    check_lora(s, 0.0, true);
+  }
+}
+
+TEST_CASE("LoRA gradients with dropout match central differences with the mask fixed", "[gradients][lora][dropout]") {
+  for (const Shape& s : kShapes) {
+    INFO("d_out " << s.d_out << " d_in " << s.d_in << " r " << s.rank << " N " << s.batch);
+    check_lora(s, 0.3, false);
+  }
+}
+
+TEST_CASE("DoRA exact gradients match central differences of the layer output", "[gradients][dora][exact]") {
+  for (const Shape& s : kShapes) {
+    INFO("d_out " << s.d_out << " d_in " << s.d_in << " r " << s.rank << " N " << s.batch);
+    check_dora_exact(s, 0.0, false);
+    check_dora_exact(s, 0.0, true);
+  }
+}
+
+TEST_CASE("DoRA detached gradients match central differences with the row norm held constant",
+          "[gradients][dora][detached]") {
+  for (const Shape& s : kShapes) {
+    INFO("d_out " << s.d_out << " d_in " << s.d_in << " r " << s.rank << " N " << s.batch);
+    check_dora_detached(s, 0.0, false);
+    check_dora_detached(s, 0.0, true);
+  }
+}
+
+TEST_CASE("DoRA gradients with dropout match central differences with the mask fixed", "[gradients][dora][dropout]") {
+  for (const Shape& s : kShapes) {
+    INFO("d_out " << s.d_out << " d_in " << s.d_in << " r " << s.rank << " N " << s.batch);
+    check_dora_exact(s, 0.25, false);
+    check_dora_detached(s, 0.25, false);
+  }
+}
+
+TEST_CASE("Detached and exact gradients differ where the norm depends on A and B", "[gradients][dora]") {
+  // Guards against an exact mode that silently detaches: the two must not coincide.
+  const Shape s{6, 5, 2, 3};
+  Problem p = make_problem(s, 11, 0.0, dora::NormGradient::detached, false);
+  dora::DoraLinear<double> detached(dora::borrow(p.W), p.config, p.A, p.B);
+  p.config.norm_gradient = dora::NormGradient::exact;
+  dora::DoraLinear<double> exact(dora::borrow(p.W), p.config, p.A, p.B);
+  detached.forward(p.x);
+  detached.backward(p.dy);
+  exact.forward(p.x);
+  exact.backward(p.dy);
+  const double diff = rel_err(detached.grad_lora_A(), exact.grad_lora_A());
+  INFO("relative difference of dA between modes: " << diff);
+  CHECK(diff > 1e-3);
+  CHECK(rel_err(detached.grad_magnitude(), exact.grad_magnitude()) <= 1e-15);
+}
+
+TEST_CASE("Gradients accumulate across backward calls until zero_grad", "[gradients]") {
+  const Shape s{6, 5, 2, 3};
+  Problem p = make_problem(s, 12, 0.0, dora::NormGradient::exact, false);
+  dora::DoraLinear<double> layer(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+  layer.forward(p.x);
+  layer.backward(p.dy);
+  const M once = layer.grad_lora_B();
+  const V once_m = layer.grad_magnitude();
+  layer.forward(p.x);
+  layer.backward(p.dy);
+  INFO("dB after two steps vs 2 x one step: " << rel_err(layer.grad_lora_B(), M(2.0 * once)));
+  CHECK(rel_err(layer.grad_lora_B(), M(2.0 * once)) <= 1e-15);
+  CHECK(rel_err(layer.grad_magnitude(), V(2.0 * once_m)) <= 1e-15);
+  layer.zero_grad();
+  CHECK(layer.grad_lora_A().isZero(0.0));
+  CHECK(layer.grad_lora_B().isZero(0.0));
+  CHECK(layer.grad_magnitude().isZero(0.0));
+}
