@@ -90,7 +90,12 @@ class DoraLinear : public detail::Adapter<Scalar> {
     if (!this->dropout_applied_) {
       h_.noalias() = this->xd_ * W.transpose();
       h_.noalias() += s * this->u_ * this->B_.transpose();
-      for (Index t = 0; t < N; ++t) y.row(t) = h_.row(t).cwiseProduct(g_.transpose());
+      // One pass for the compose and the bias.
+      if (this->base_.has_bias()) {
+        for (Index t = 0; t < N; ++t) y.row(t) = h_.row(t).cwiseProduct(g_.transpose()) + this->base_.bias.transpose();
+      } else {
+        for (Index t = 0; t < N; ++t) y.row(t) = h_.row(t).cwiseProduct(g_.transpose());
+      }
     } else {
       // y = x W^T + s u B^T + (g - 1) hd: the base product of the undropped x is needed too.
       y.noalias() = x * W.transpose();
@@ -99,8 +104,8 @@ class DoraLinear : public detail::Adapter<Scalar> {
       h_.noalias() += s * this->u_ * this->B_.transpose();
       for (Index t = 0; t < N; ++t)
         y.row(t).array() += h_.row(t).array() * (g_.transpose().array() - Scalar(1));
+      if (this->base_.has_bias()) y.rowwise() += this->base_.bias.transpose();
     }
-    if (this->base_.has_bias()) y.rowwise() += this->base_.bias.transpose();
     this->saved_ = true;
   }
   MatrixType forward(const Eigen::Ref<const MatrixType>& x) {
