@@ -79,31 +79,47 @@ class DoraLinear : public detail::Adapter<Scalar> {
 
   /// y = (x V^T) diag(m / n) + b (with dropout in training mode). y is N x d_out, not aliasing x.
   /// In evaluation mode n is computed once and reused while A, B and m are unchanged.
+  ///
+  /// Cost: when n must be (re)computed, A is stacked under x and one product [xd; A] W^T gives
+  /// both x W^T and P^T = A W^T, so W is read once, as in LoRA; the norm's extra work is r more
+  /// rows in that product (1 + r / (2N) of a LoRA step).
   void forward(const Eigen::Ref<const MatrixType>& x, Eigen::Ref<MatrixType> y) {
     this->check_input(x, y);
-    this->save_input(x);
-    update_scale();
+    const Index r = this->rank();
+    // Training stacks A under x (the norm changes every step). Evaluation computes the norm on its
+    // own when the cache is stale, so that every evaluation forward runs the same x W^T product and
+    // repeated calls give bitwise identical outputs.
+    stacked_ = this->training_ ? r : 0;
+    if (!this->training_ && !cache_matches()) {
+      rows_recomputed_ = norm_.compute(this->base_.weight, w_sq_, this->A_, this->B_, this->scaling_, n_);
+      update_scale_from_norm();
+    }
+    this->save_input(x, stacked_);
+    if (stacked_ != 0) this->xd_.bottomRows(r) = this->A_;
     const typename BaseLayer<Scalar>::WeightMap& W = this->base_.weight;
     const Scalar s = this->scaling_;
     const Index N = this->batch_;
-    h_.resize(N, this->d_out());
+    H_.resize(N + stacked_, this->d_out());
+    H_.noalias() = this->xd_ * W.transpose();
+    if (stacked_ != 0) {
+      rows_recomputed_ =
+          norm_.compute_with(W, w_sq_, this->A_, this->B_, this->scaling_, H_.bottomRows(r), n_);
+      update_scale_from_norm();
+    }
+    h().noalias() += s * this->u_ * this->B_.transpose();
     if (!this->dropout_applied_) {
-      h_.noalias() = this->xd_ * W.transpose();
-      h_.noalias() += s * this->u_ * this->B_.transpose();
       // One pass for the compose and the bias.
       if (this->base_.has_bias()) {
-        for (Index t = 0; t < N; ++t) y.row(t) = h_.row(t).cwiseProduct(g_.transpose()) + this->base_.bias.transpose();
+        for (Index t = 0; t < N; ++t) y.row(t) = H_.row(t).cwiseProduct(g_.transpose()) + this->base_.bias.transpose();
       } else {
-        for (Index t = 0; t < N; ++t) y.row(t) = h_.row(t).cwiseProduct(g_.transpose());
+        for (Index t = 0; t < N; ++t) y.row(t) = H_.row(t).cwiseProduct(g_.transpose());
       }
     } else {
       // y = x W^T + s u B^T + (g - 1) hd: the base product of the undropped x is needed too.
       y.noalias() = x * W.transpose();
       y.noalias() += s * this->u_ * this->B_.transpose();
-      h_.noalias() = this->xd_ * W.transpose();
-      h_.noalias() += s * this->u_ * this->B_.transpose();
       for (Index t = 0; t < N; ++t)
-        y.row(t).array() += h_.row(t).array() * (g_.transpose().array() - Scalar(1));
+        y.row(t).array() += H_.row(t).array() * (g_.transpose().array() - Scalar(1));
       if (this->base_.has_bias()) y.rowwise() += this->base_.bias.transpose();
     }
     this->saved_ = true;
@@ -197,13 +213,10 @@ class DoraLinear : public detail::Adapter<Scalar> {
     return cache_valid_ && A_seen_ == this->A_ && B_seen_ == this->B_ && m_seen_ == m_;
   }
 
-  // n, g (and P = W A^T, K = A A^T for the exact gradient) for the current A, B, m. In
-  // evaluation mode they are reused while A, B and m are bitwise unchanged: the comparison costs
-  // r (d_in + d_out) + d_out reads, against d_out d_in r for recomputing, and cannot go stale
-  // whichever way the parameters were changed.
-  void update_scale() {
-    if (!this->training_ && cache_matches()) return;
-    rows_recomputed_ = norm_.compute(this->base_.weight, w_sq_, this->A_, this->B_, this->scaling_, n_);
+  // g (and the divisor for dm) from the freshly computed n. Evaluation mode reuses them while A,
+  // B and m are bitwise unchanged: the comparison costs r (d_in + d_out) + d_out reads, against
+  // d_out d_in r for recomputing, and cannot go stale whichever way the parameters were changed.
+  void update_scale_from_norm() {
     for (Index i = 0; i < this->d_out(); ++i) {
       g_[i] = scale_of(m_[i], n_[i]);
       // Dividing by +inf makes dm_i and the exact-mode term vanish on inactive rows.
@@ -215,30 +228,44 @@ class DoraLinear : public detail::Adapter<Scalar> {
     cache_valid_ = true;
   }
 
+  // The saved h = xd V^T: the top rows of the stacked product.
+  typename MatrixType::RowsBlockXpr h() { return H_.topRows(this->batch_); }
+
   void backward_impl(const Eigen::Ref<const MatrixType>& G, Eigen::Ref<MatrixType>* dx) {
     const typename BaseLayer<Scalar>::WeightMap& W = this->base_.weight;
     const Scalar s = this->scaling_;
     const Index N = this->batch_;
+    const Index r = this->rank();
+    const bool exact = this->config_.norm_gradient == NormGradient::exact;
     // dm_i = sum_t G_ti h_ti / n_i (h is the dropped-input branch under dropout).
-    dm_.noalias() = G.cwiseProduct(h_).colwise().sum().transpose();
+    dm_.noalias() = G.cwiseProduct(h()).colwise().sum().transpose();
     dm_.array() /= n_div_.array();
     grad_m_ += dm_;
     // h is no longer needed: it becomes Gg = G diag(g), so DoRA keeps one N x d_out buffer, not two.
-    for (Index t = 0; t < N; ++t) h_.row(t) = G.row(t).cwiseProduct(g_.transpose());
-    this->grad_B_.noalias() += s * h_.transpose() * this->u_;
-    this->accumulate_A(h_);
-    if (this->config_.norm_gradient == NormGradient::exact) accumulate_norm_gradient();
+    for (Index t = 0; t < N; ++t) H_.row(t) = G.row(t).cwiseProduct(g_.transpose());
+    this->grad_B_.noalias() += s * h().transpose() * this->u_;
+    this->accumulate_A(h());
+    // With the exact gradient, dA gains s (diag(beta) B)^T W: stacked under Gg, one product
+    // [Gg; s (diag(beta) B)^T] W gives dx's share and dA's, reading W once.
+    const bool stack = exact && dx != nullptr && !this->dropout_applied_ && stacked_ == r;
+    if (exact) accumulate_norm_gradient(stack);
     if (dx != nullptr) {
       if (!this->dropout_applied_) {
-        dx->noalias() = h_ * W;
+        if (stack) {
+          this->xd_.noalias() = H_ * W;  // xd is no longer needed: (N + r) x d_in
+          *dx = this->xd();
+          this->grad_A_ += this->xd_.bottomRows(r);
+        } else {
+          dx->noalias() = h() * W;
+        }
         dx->noalias() += this->du_ * this->A_;
       } else {
         // dx = G W + mask * [(Gg - G) W + du A]; xd is no longer needed and holds the bracket.
         dx->noalias() = G * W;
-        h_ -= G;
-        this->xd_.noalias() = h_ * W;
-        this->xd_.noalias() += this->du_ * this->A_;
-        *dx += this->xd_.cwiseProduct(this->mask_);
+        h() -= G;
+        this->xd().noalias() = h() * W;
+        this->xd().noalias() += this->du_ * this->A_;
+        *dx += this->xd().cwiseProduct(this->mask_);
       }
     }
     this->saved_ = false;
@@ -246,16 +273,29 @@ class DoraLinear : public detail::Adapter<Scalar> {
 
   // The norm's share of dA and dB, with beta_i = -g_i dm_i / n_i = dL/dn_i / n_i:
   //   dB += s diag(beta) (P + s B K),   dA += s [(diag(beta) B)^T W + s ((diag(beta) B)^T B) A]
-  void accumulate_norm_gradient() {
+  // With stack, s (diag(beta) B)^T is left in the rows of H below Gg for the caller's product.
+  void accumulate_norm_gradient(bool stack) {
     const Scalar s = this->scaling_;
+    const Index r = this->rank();
     beta_ = -(g_.array() * dm_.array() / n_div_.array()).matrix();
-    Q_ = norm_.P();
+    // P^T is under h when the forward stacked A; otherwise (evaluation-mode forward with a cached
+    // norm) it is computed here.
+    if (stacked_ == r) {
+      Q_ = H_.bottomRows(r).transpose();
+    } else {
+      norm_.compute(this->base_.weight, w_sq_, this->A_, this->B_, s, n_);
+      Q_ = norm_.PT().transpose();
+    }
     Q_.noalias() += s * this->B_ * norm_.K();
     Q_.array().colwise() *= beta_.array();
     this->grad_B_.noalias() += s * Q_;
     Q_ = this->B_;
     Q_.array().colwise() *= beta_.array();
-    this->grad_A_.noalias() += s * Q_.transpose() * this->base_.weight;
+    if (stack) {
+      H_.bottomRows(r) = s * Q_.transpose();
+    } else {
+      this->grad_A_.noalias() += s * Q_.transpose() * this->base_.weight;
+    }
     Kb_.noalias() = Q_.transpose() * this->B_;
     this->grad_A_.noalias() += (s * s) * Kb_ * this->A_;
   }
@@ -264,7 +304,8 @@ class DoraLinear : public detail::Adapter<Scalar> {
   VectorType w_sq_;  // ||W_i||^2, fixed while W is
   detail::FactoredRowNorm<Scalar> norm_;
   VectorType n_, n_div_, g_, dm_, beta_;
-  MatrixType h_, Q_, Kb_;
+  MatrixType H_, Q_, Kb_;  // H: [h; P^T] after forward, [Gg; s (diag(beta) B)^T] in backward
+  Index stacked_ = 0;      // rows of A stacked under x in the last forward (r, or 0 with a cached norm)
   Index rows_recomputed_ = 0;
   // Evaluation-mode cache of n and g: valid for exactly these parameter values.
   bool cache_valid_ = false;

@@ -87,8 +87,8 @@ class LoraLinear : public detail::Adapter<Scalar> {
       dx->noalias() = G * this->base_.weight;
       if (this->dropout_applied_) {
         // dxd = du A reaches x through the mask; xd is no longer needed, so it holds dxd.
-        this->xd_.noalias() = this->du_ * this->A_;
-        *dx += this->xd_.cwiseProduct(this->mask_);
+        this->xd().noalias() = this->du_ * this->A_;
+        *dx += this->xd().cwiseProduct(this->mask_);
       } else {
         dx->noalias() += this->du_ * this->A_;
       }

@@ -39,24 +39,32 @@ template <typename Scalar>
 class FactoredRowNorm {
  public:
   void resize(Eigen::Index d_out, Eigen::Index d_in, Eigen::Index rank) {
-    P_.resize(d_out, rank);
+    PT_.resize(rank, d_out);
     K_.resize(rank, rank);
     BK_.resize(d_out, rank);
     v_.resize(1, d_in);
   }
 
-  /// w_sq: ||W_i||^2 for every row (precomputed). Writes n (d_out); keeps P = W A^T and K = A A^T
-  /// for the exact gradient. Returns how many rows needed the direct computation.
+  /// Computes P^T = A W^T itself (one d_out x d_in x r product), then the norms.
   template <typename WeightMap>
   Eigen::Index compute(const WeightMap& W, const Vector<Scalar>& w_sq, const Matrix<Scalar>& A,
                        const Matrix<Scalar>& B, Scalar s, Vector<Scalar>& n) {
-    P_.noalias() = W * A.transpose();
+    PT_.noalias() = A * W.transpose();
+    return compute_with(W, w_sq, A, B, s, PT_, n);
+  }
+
+  /// Norms from a P^T = A W^T (r x d_out) that the caller computed, e.g. stacked under x W^T so
+  /// that W is read once. w_sq: ||W_i||^2 for every row (precomputed). Keeps K = A A^T for the
+  /// exact gradient. Returns how many rows needed the direct computation.
+  template <typename WeightMap, typename PTMatrix>
+  Eigen::Index compute_with(const WeightMap& W, const Vector<Scalar>& w_sq, const Matrix<Scalar>& A,
+                            const Matrix<Scalar>& B, Scalar s, const Eigen::MatrixBase<PTMatrix>& PT, Vector<Scalar>& n) {
     K_.noalias() = A * A.transpose();
     BK_.noalias() = B * K_;
     Eigen::Index direct = 0;
     const Scalar tiny = std::numeric_limits<Scalar>::min() / std::numeric_limits<Scalar>::epsilon();
     for (Eigen::Index i = 0; i < W.rows(); ++i) {
-      const Scalar cross = Scalar(2) * s * B.row(i).dot(P_.row(i));
+      const Scalar cross = Scalar(2) * s * B.row(i).dot(PT.col(i).transpose());
       const Scalar quad = s * s * BK_.row(i).dot(B.row(i));
       const Scalar n2 = w_sq[i] + cross + quad;
       // Sum of magnitudes: the rounding error of n2 is a few ulps of this.
@@ -73,7 +81,9 @@ class FactoredRowNorm {
     return direct;
   }
 
-  const Matrix<Scalar>& P() const { return P_; }
+  /// P^T = A W^T from the last compute() (not compute_with()).
+  const Matrix<Scalar>& PT() const { return PT_; }
+  /// K = A A^T from the last computation.
   const Matrix<Scalar>& K() const { return K_; }
 
   /// Rows whose n_i^2 fell below this fraction of the sum of magnitudes of its three terms
@@ -82,7 +92,7 @@ class FactoredRowNorm {
   static constexpr Scalar kCancellation = Scalar(0.125);
 
  private:
-  Matrix<Scalar> P_, K_, BK_;
+  Matrix<Scalar> PT_, K_, BK_;
   Eigen::Matrix<Scalar, 1, Eigen::Dynamic> v_;
 };
 

@@ -133,31 +133,36 @@ class Adapter {
   }
 
   /// Saves xd = dropout(x) (or x) and u = xd A^T. The copy of x decouples the layer from the
-  /// caller's buffer, which is free to change between forward and backward.
-  void save_input(const Eigen::Ref<const MatrixType>& x) {
+  /// caller's buffer, which is free to change between forward and backward. The buffer has
+  /// extra_rows more rows below xd, for a caller that stacks another operand under x so that one
+  /// product reads W once for both (DoRA stacks A: [xd; A] W^T gives x W^T and (W A^T)^T).
+  void save_input(const Eigen::Ref<const MatrixType>& x, Index extra_rows = 0) {
     batch_ = x.rows();
-    xd_.resize(batch_, d_in());
+    xd_.resize(batch_ + extra_rows, d_in());
     u_.resize(batch_, rank());
     if (dropout_active()) {
       mask_.resize(batch_, d_in());
       const double p = config_.dropout;
       const Scalar keep_scale = static_cast<Scalar>(1.0 / (1.0 - p));
       for (Index i = 0; i < mask_.size(); ++i) mask_.data()[i] = dropout_rng_.uniform() < p ? Scalar(0) : keep_scale;
-      xd_ = x.cwiseProduct(mask_);
+      xd() = x.cwiseProduct(mask_);
       dropout_applied_ = true;
     } else {
-      xd_ = x;
+      xd() = x;
       dropout_applied_ = false;
     }
-    u_.noalias() = xd_ * A_.transpose();
+    u_.noalias() = xd() * A_.transpose();
   }
+
+  /// The saved (dropped) input: the top batch rows of the stacked buffer.
+  typename MatrixType::RowsBlockXpr xd() { return xd_.topRows(batch_); }
 
   /// du = s * Gs B and dA += du^T xd, where Gs is the gradient reaching the adapter branch.
   template <typename DG>
   void accumulate_A(const Eigen::MatrixBase<DG>& Gs) {
     du_.resize(batch_, rank());
     du_.noalias() = scaling_ * Gs * B_;
-    grad_A_.noalias() += du_.transpose() * xd_;
+    grad_A_.noalias() += du_.transpose() * xd();
   }
 
   BaseLayer<Scalar> base_;
