@@ -106,9 +106,12 @@ void check_lora(const Shape& s, double dropout, bool rslora) {
   check("LoRA dB", layer.grad_lora_B(), numerical_gradient(layer.lora_B(), f));
 }
 
-void check_dora_exact(const Shape& s, double dropout, bool rslora) {
+void check_dora_exact(const Shape& s, double dropout, bool rslora, bool eval_mode = false) {
   Problem p = make_problem(s, 200 + static_cast<std::uint64_t>(s.d_in), dropout, dora::NormGradient::exact, rslora);
   dora::DoraLinear<double> layer(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+  // Evaluation mode takes other paths: the norm is cached between forwards and backward computes
+  // W A^T on its own instead of finding it stacked under x W^T.
+  if (eval_mode) layer.eval();
   // Move m away from the row norms so that g != 1 and dm, beta are not special.
   layer.magnitude().array() *= 1.0 + 0.3 * random_vector<double>(s.d_out, 7).array();
   layer.seed_dropout(kMaskSeed);
@@ -171,6 +174,13 @@ TEST_CASE("DoRA exact gradients match central differences of the layer output", 
     INFO("d_out " << s.d_out << " d_in " << s.d_in << " r " << s.rank << " N " << s.batch);
     check_dora_exact(s, 0.0, false);
     check_dora_exact(s, 0.0, true);
+  }
+}
+
+TEST_CASE("DoRA exact gradients in evaluation mode (cached norm) match central differences", "[gradients][dora][exact]") {
+  for (const Shape& s : kShapes) {
+    INFO("d_out " << s.d_out << " d_in " << s.d_in << " r " << s.rank << " N " << s.batch);
+    check_dora_exact(s, 0.0, false, true);
   }
 }
 

@@ -202,7 +202,7 @@ class DoraLinear : public detail::Adapter<Scalar> {
     g_.resize(d_out);
     dm_.resize(d_out);
     beta_.resize(d_out);
-    Q_.resize(d_out, this->rank());
+    t_.resize(1, this->rank());
     Kb_.resize(this->rank(), this->rank());
     grad_m_ = VectorType::Zero(d_out);
     refresh_base();
@@ -222,10 +222,13 @@ class DoraLinear : public detail::Adapter<Scalar> {
       // Dividing by +inf makes dm_i and the exact-mode term vanish on inactive rows.
       n_div_[i] = inactive(m_[i], n_[i]) ? std::numeric_limits<Scalar>::infinity() : n_[i];
     }
-    A_seen_ = this->A_;
-    B_seen_ = this->B_;
-    m_seen_ = m_;
-    cache_valid_ = true;
+    // Training changes A, B, m every step: a snapshot would cost r (d_in + d_out) of memory for nothing.
+    cache_valid_ = !this->training_;
+    if (cache_valid_) {
+      A_seen_ = this->A_;
+      B_seen_ = this->B_;
+      m_seen_ = m_;
+    }
   }
 
   // The saved h = xd V^T: the top rows of the stacked product.
@@ -273,38 +276,44 @@ class DoraLinear : public detail::Adapter<Scalar> {
 
   // The norm's share of dA and dB, with beta_i = -g_i dm_i / n_i = dL/dn_i / n_i:
   //   dB += s diag(beta) (P + s B K),   dA += s [(diag(beta) B)^T W + s ((diag(beta) B)^T B) A]
-  // With stack, s (diag(beta) B)^T is left in the rows of H below Gg for the caller's product.
+  // s (diag(beta) B)^T is built in the r rows of H below Gg (where P^T was): with stack, the
+  // caller's product [Gg; s (diag(beta) B)^T] W then adds its share to dA.
   void accumulate_norm_gradient(bool stack) {
-    const Scalar s = this->scaling_;
     const Index r = this->rank();
     beta_ = -(g_.array() * dm_.array() / n_div_.array()).matrix();
-    // P^T is under h when the forward stacked A; otherwise (evaluation-mode forward with a cached
-    // norm) it is computed here.
     if (stacked_ == r) {
-      Q_ = H_.bottomRows(r).transpose();
+      norm_gradient_terms(H_.bottomRows(r), stack);
     } else {
-      norm_.compute(this->base_.weight, w_sq_, this->A_, this->B_, s, n_);
-      Q_ = norm_.PT().transpose();
+      // The forward used a cached norm (evaluation mode): P^T is computed here.
+      norm_.compute(this->base_.weight, w_sq_, this->A_, this->B_, this->scaling_, n_);
+      Qt_ = norm_.PT();
+      norm_gradient_terms(Qt_, false);
     }
-    Q_.noalias() += s * this->B_ * norm_.K();
-    Q_.array().colwise() *= beta_.array();
-    this->grad_B_.noalias() += s * Q_;
-    Q_ = this->B_;
-    Q_.array().colwise() *= beta_.array();
-    if (stack) {
-      H_.bottomRows(r) = s * Q_.transpose();
-    } else {
-      this->grad_A_.noalias() += s * Q_.transpose() * this->base_.weight;
+  }
+
+  // PT: r x d_out holding P^T on entry and s (diag(beta) B)^T on exit.
+  template <typename PTMatrix>
+  void norm_gradient_terms(PTMatrix&& PT, bool stack) {
+    const Scalar s = this->scaling_;
+    for (Index i = 0; i < this->d_out(); ++i) {
+      // (P + s B K)_i one row at a time: no d_out x r buffer.
+      t_.noalias() = this->B_.row(i) * norm_.K();
+      t_ = s * t_ + PT.col(i).transpose();
+      this->grad_B_.row(i) += (s * beta_[i]) * t_;
+      PT.col(i) = (s * beta_[i]) * this->B_.row(i).transpose();
     }
-    Kb_.noalias() = Q_.transpose() * this->B_;
-    this->grad_A_.noalias() += (s * s) * Kb_ * this->A_;
+    if (!stack) this->grad_A_.noalias() += PT * this->base_.weight;
+    Kb_.noalias() = PT * this->B_;  // s (diag(beta) B)^T B
+    this->grad_A_.noalias() += s * Kb_ * this->A_;
   }
 
   VectorType m_, grad_m_;
   VectorType w_sq_;  // ||W_i||^2, fixed while W is
   detail::FactoredRowNorm<Scalar> norm_;
   VectorType n_, n_div_, g_, dm_, beta_;
-  MatrixType H_, Q_, Kb_;  // H: [h; P^T] after forward, [Gg; s (diag(beta) B)^T] in backward
+  MatrixType H_, Kb_;  // H: [h; P^T] after forward, [Gg; s (diag(beta) B)^T] in backward
+  MatrixType Qt_;      // P^T when the forward did not stack A (allocated only then)
+  Eigen::Matrix<Scalar, 1, Eigen::Dynamic> t_;
   Index stacked_ = 0;      // rows of A stacked under x in the last forward (r, or 0 with a cached norm)
   Index rows_recomputed_ = 0;
   // Evaluation-mode cache of n and g: valid for exactly these parameter values.

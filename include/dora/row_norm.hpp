@@ -39,16 +39,18 @@ template <typename Scalar>
 class FactoredRowNorm {
  public:
   void resize(Eigen::Index d_out, Eigen::Index d_in, Eigen::Index rank) {
-    PT_.resize(rank, d_out);
+    (void)d_out;
     K_.resize(rank, rank);
-    BK_.resize(d_out, rank);
+    t_.resize(1, rank);
     v_.resize(1, d_in);
   }
 
-  /// Computes P^T = A W^T itself (one d_out x d_in x r product), then the norms.
+  /// Computes P^T = A W^T itself (one d_out x d_in x r product), then the norms. Its r x d_out
+  /// buffer is allocated on first use only: a training layer gets P^T from its stacked product.
   template <typename WeightMap>
   Eigen::Index compute(const WeightMap& W, const Vector<Scalar>& w_sq, const Matrix<Scalar>& A,
                        const Matrix<Scalar>& B, Scalar s, Vector<Scalar>& n) {
+    PT_.resize(A.rows(), W.rows());
     PT_.noalias() = A * W.transpose();
     return compute_with(W, w_sq, A, B, s, PT_, n);
   }
@@ -60,12 +62,12 @@ class FactoredRowNorm {
   Eigen::Index compute_with(const WeightMap& W, const Vector<Scalar>& w_sq, const Matrix<Scalar>& A,
                             const Matrix<Scalar>& B, Scalar s, const Eigen::MatrixBase<PTMatrix>& PT, Vector<Scalar>& n) {
     K_.noalias() = A * A.transpose();
-    BK_.noalias() = B * K_;
     Eigen::Index direct = 0;
     const Scalar tiny = std::numeric_limits<Scalar>::min() / std::numeric_limits<Scalar>::epsilon();
     for (Eigen::Index i = 0; i < W.rows(); ++i) {
       const Scalar cross = Scalar(2) * s * B.row(i).dot(PT.col(i).transpose());
-      const Scalar quad = s * s * BK_.row(i).dot(B.row(i));
+      t_.noalias() = B.row(i) * K_;  // (B K)_i, one row at a time: no d_out x r buffer
+      const Scalar quad = s * s * t_.dot(B.row(i));
       const Scalar n2 = w_sq[i] + cross + quad;
       // Sum of magnitudes: the rounding error of n2 is a few ulps of this.
       const Scalar mag = w_sq[i] + std::abs(cross) + quad;
@@ -92,8 +94,8 @@ class FactoredRowNorm {
   static constexpr Scalar kCancellation = Scalar(0.125);
 
  private:
-  Matrix<Scalar> PT_, K_, BK_;
-  Eigen::Matrix<Scalar, 1, Eigen::Dynamic> v_;
+  Matrix<Scalar> PT_, K_;
+  Eigen::Matrix<Scalar, 1, Eigen::Dynamic> t_, v_;
 };
 
 }  // namespace detail
