@@ -130,6 +130,40 @@ class DoraLinear : public detail::Adapter<Scalar> {
     return y;
   }
 
+  /// Switches to evaluation mode and computes the row norm for the current A, B, m, so that
+  /// infer() may be called (from any number of threads).
+  void prepare_inference() {
+    this->eval();
+    if (!cache_matches()) {
+      rows_recomputed_ = norm_.compute(this->base_.weight, w_sq_, this->A_, this->B_, this->scaling_, n_);
+      update_scale_from_norm();
+    }
+  }
+
+  /// Evaluation-mode forward that modifies nothing: several threads may call it on one layer at
+  /// once, each with its own workspace (resized to N x r on first use), while nothing modifies the
+  /// layer. Same result, bit for bit, as forward() in evaluation mode.
+  /// Precondition: prepare_inference() since the last change of A, B or m (checked: std::logic_error).
+  void infer(const Eigen::Ref<const MatrixType>& x, Eigen::Ref<MatrixType> y, MatrixType& u_workspace) const {
+    this->check_input(x, y);
+    DORA_CHECK_STATE(cache_matches(), "infer() needs prepare_inference() after the last change of A, B or m");
+    const Index N = x.rows();
+    u_workspace.resize(N, this->rank());
+    u_workspace.noalias() = x * this->A_.transpose();
+    y.noalias() = x * this->base_.weight.transpose();
+    y.noalias() += this->scaling_ * u_workspace * this->B_.transpose();
+    if (this->base_.has_bias()) {
+      for (Index t = 0; t < N; ++t) y.row(t) = y.row(t).cwiseProduct(g_.transpose()) + this->base_.bias.transpose();
+    } else {
+      for (Index t = 0; t < N; ++t) y.row(t) = y.row(t).cwiseProduct(g_.transpose());
+    }
+  }
+  MatrixType infer(const Eigen::Ref<const MatrixType>& x) const {
+    MatrixType y(x.rows(), this->d_out()), u;
+    infer(x, y, u);
+    return y;
+  }
+
   /// Accumulates dA, dB, dm from dy (N x d_out) and writes dx (N x d_in). Releases the saved activations.
   void backward(const Eigen::Ref<const MatrixType>& dy, Eigen::Ref<MatrixType> dx) {
     this->check_grad_output(dy, &dx);

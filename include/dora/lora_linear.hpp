@@ -38,6 +38,23 @@ class LoraLinear : public detail::Adapter<Scalar> {
     return y;
   }
 
+  /// Forward without dropout that modifies nothing: several threads may call it on one layer at
+  /// once, each with its own workspace (resized to N x r on first use), while nothing modifies the
+  /// layer. Same result as forward() in evaluation mode.
+  void infer(const Eigen::Ref<const MatrixType>& x, Eigen::Ref<MatrixType> y, MatrixType& u_workspace) const {
+    this->check_input(x, y);
+    u_workspace.resize(x.rows(), this->rank());
+    u_workspace.noalias() = x * this->A_.transpose();
+    y.noalias() = x * this->base_.weight.transpose();
+    y.noalias() += this->scaling_ * u_workspace * this->B_.transpose();
+    if (this->base_.has_bias()) y.rowwise() += this->base_.bias.transpose();
+  }
+  MatrixType infer(const Eigen::Ref<const MatrixType>& x) const {
+    MatrixType y(x.rows(), this->d_out()), u;
+    infer(x, y, u);
+    return y;
+  }
+
   /// Accumulates dA, dB from dy (N x d_out) and writes dx (N x d_in). Releases the saved activations.
   void backward(const Eigen::Ref<const MatrixType>& dy, Eigen::Ref<MatrixType> dx) {
     this->check_grad_output(dy, &dx);

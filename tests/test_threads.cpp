@@ -1,0 +1,92 @@
+// What may run concurrently (README, "Threads"): infer() on one layer from several threads, and
+// independent layers sharing one borrowed W. Results must equal the single-thread run bit for bit.
+// Built and run under ThreadSanitizer in CI.
+
+#include <thread>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "test_support.hpp"
+
+using namespace dora_test;
+
+TEST_CASE("infer() from several threads on one layer equals the single-thread forward", "[threads]") {
+  const Mat<float> W = random_matrix<float>(64, 48, 1);
+  const Vec<float> b = random_vector<float>(64, 2);
+  dora::AdapterConfig c;
+  c.rank = 4;
+  dora::DoraLinear<float> dora_layer(dora::borrow(W, b), c, random_matrix<float>(4, 48, 3, 0.3), random_matrix<float>(64, 4, 4, 0.3));
+  dora::LoraLinear<float> lora_layer(dora::borrow(W, b), c, random_matrix<float>(4, 48, 3, 0.3), random_matrix<float>(64, 4, 4, 0.3));
+  dora_layer.prepare_inference();
+  lora_layer.eval();
+  constexpr int kThreads = 4;
+  std::vector<Mat<float>> inputs;
+  std::vector<Mat<float>> expected_dora, expected_lora;
+  for (int t = 0; t < kThreads; ++t) {
+    inputs.push_back(random_matrix<float>(8 + t, 48, 10 + static_cast<std::uint64_t>(t)));
+    expected_dora.push_back(dora_layer.forward(inputs.back()));
+    expected_lora.push_back(lora_layer.forward(inputs.back()));
+  }
+  std::vector<Mat<float>> got_dora(kThreads), got_lora(kThreads);
+  std::vector<std::thread> threads;
+  const dora::DoraLinear<float>& shared_dora = dora_layer;  // only const access from the threads
+  const dora::LoraLinear<float>& shared_lora = lora_layer;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      Mat<float> u;
+      Mat<float> y(inputs[t].rows(), 64);
+      for (int rep = 0; rep < 20; ++rep) shared_dora.infer(inputs[t], y, u);
+      got_dora[t] = y;
+      got_lora[t] = shared_lora.infer(inputs[t]);
+    });
+  }
+  for (std::thread& th : threads) th.join();
+  for (int t = 0; t < kThreads; ++t) {
+    INFO("thread " << t << ": DoRA difference " << rel_err(got_dora[t], expected_dora[t]) << ", LoRA "
+                   << rel_err(got_lora[t], expected_lora[t]));
+    CHECK(got_dora[t] == expected_dora[t]);
+    CHECK(got_lora[t] == expected_lora[t]);
+  }
+}
+
+TEST_CASE("infer() refuses a stale norm", "[threads][errors]") {
+  const Mat<double> W = random_matrix<double>(6, 5, 1);
+  dora::AdapterConfig c;
+  c.rank = 2;
+  dora::DoraLinear<double> layer(dora::borrow(W), c);
+  const Mat<double> x = random_matrix<double>(3, 5, 2);
+  CHECK_THROWS_AS(layer.infer(x), std::logic_error);
+  layer.prepare_inference();
+  CHECK_NOTHROW(layer.infer(x));
+  layer.magnitude()[0] += 1.0;
+  CHECK_THROWS_AS(layer.infer(x), std::logic_error);
+}
+
+TEST_CASE("Independent layers on one shared W train concurrently", "[threads]") {
+  const Mat<double> W = random_matrix<double>(32, 24, 5);
+  const Mat<double> x = random_matrix<double>(10, 24, 6);
+  const Mat<double> dy = random_matrix<double>(10, 32, 7);
+  dora::AdapterConfig c;
+  c.rank = 3;
+  c.dropout = 0.1;
+  c.norm_gradient = dora::NormGradient::exact;
+  const auto train = [&](dora::DoraLinear<double>& layer) {
+    for (int step = 0; step < 10; ++step) {
+      layer.forward(x);
+      layer.backward(dy);
+      for (dora::Parameter<double>& p : layer.parameters()) p.value -= 1e-3 * p.grad;
+      layer.zero_grad();
+    }
+  };
+  dora::DoraLinear<double> reference(dora::borrow(W), c);
+  train(reference);
+  std::vector<dora::DoraLinear<double>> layers(4, dora::DoraLinear<double>(dora::borrow(W), c));
+  std::vector<std::thread> threads;
+  for (auto& layer : layers) threads.emplace_back([&] { train(layer); });
+  for (std::thread& th : threads) th.join();
+  for (const auto& layer : layers) {
+    CHECK(layer.lora_A() == reference.lora_A());
+    CHECK(layer.magnitude() == reference.magnitude());
+  }
+}
