@@ -1,0 +1,718 @@
+// PEFT adapters (dora/io/peft_adapter.hpp) against real PEFT 0.21 output (tests/data/peft, made by
+// tools/make_peft_fixtures.py): config and scaling rules, merge_checkpoint (the dora-merge tool)
+// against merge_and_unload in float32 (1e-6 relative) and bfloat16 (ulp distances), layers built
+// from a loaded adapter against PEFT's forward, the C++-saved adapter, sharded checkpoints,
+// fan_in_fan_out, dtype conversion, and hostile files (clear error naming the file and tensor, no
+// output left behind).
+//
+// Relative error = max |ours - ref| / max |ref| per tensor. bfloat16 ulp distance = difference of
+// the two values' positions in the ordered list of bfloat16 numbers (0 = bitwise equal).
+
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <dora/io/peft_adapter.hpp>
+
+#include "test_support.hpp"
+
+using dora::io::Dtype;
+using dora::io::MergeOptions;
+using dora::io::PeftAdapter;
+using dora::io::SafetensorsReader;
+using dora::io::SafetensorsWriter;
+using dora::io::TensorInfo;
+using dora_test::rel_err;
+
+namespace {
+
+using MatD = dora::Matrix<double>;
+using MatF = dora::Matrix<float>;
+
+const std::string kData = std::string(DORA_TEST_DATA_DIR) + "/peft";
+
+bool exists(const std::string& p) {
+  struct stat st;
+  return ::stat(p.c_str(), &st) == 0;
+}
+
+std::vector<std::string> list_dir(const std::string& dir) {
+  std::vector<std::string> names;
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return names;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string n = e->d_name;
+    if (n != "." && n != "..") names.push_back(n);
+  }
+  ::closedir(d);
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+void remove_tree(const std::string& p) {
+  struct stat st;
+  if (::lstat(p.c_str(), &st) != 0) return;
+  if (S_ISDIR(st.st_mode)) {
+    for (const std::string& n : list_dir(p)) remove_tree(p + "/" + n);
+    ::rmdir(p.c_str());
+  } else {
+    std::remove(p.c_str());
+  }
+}
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char tmpl[] = "/tmp/dora_peft_test_XXXXXX";
+    const char* d = ::mkdtemp(tmpl);
+    REQUIRE(d != nullptr);
+    path = d;
+  }
+  ~TempDir() { remove_tree(path); }
+  std::string operator/(const std::string& name) const { return path + "/" + name; }
+};
+
+std::vector<std::uint8_t> read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  REQUIRE(in.good());
+  return std::vector<std::uint8_t>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+void write_bytes(const std::string& path, const std::vector<std::uint8_t>& b) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
+}
+void write_text(const std::string& path, const std::string& s) {
+  std::ofstream out(path, std::ios::binary);
+  out << s;
+}
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  REQUIRE(in.good());
+  return nlohmann::json::parse(in);
+}
+
+void copy_adapter(const std::string& from, const std::string& to) {
+  REQUIRE(::mkdir(to.c_str(), 0755) == 0);
+  for (const char* f : {"adapter_config.json", "adapter_model.safetensors"})
+    write_bytes(to + "/" + f, read_bytes(from + "/" + f));
+}
+
+std::vector<std::string> cases() {
+  std::vector<std::string> names;
+  for (const auto& n : read_json(kData + "/cases.json")) names.push_back(n.get<std::string>());
+  return names;
+}
+
+bool is_bf16_case(const std::string& c) { return c.find("bf16") != std::string::npos; }
+
+// Position of a bfloat16 value (exactly representable in float) in the ordered bfloat16 numbers.
+int bf16_order(float v) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  const int h = static_cast<int>(bits >> 16);
+  return (h & 0x8000) ? -(h & 0x7fff) : h;
+}
+
+struct UlpStats {
+  int max = 0;
+  long over0 = 0, over1 = 0, n = 0;
+};
+// a and b must hold bfloat16 values.
+UlpStats ulp_stats(const MatF& a, const MatF& b) {
+  UlpStats s;
+  REQUIRE(a.rows() == b.rows());
+  REQUIRE(a.cols() == b.cols());
+  for (Eigen::Index i = 0; i < a.size(); ++i) {
+    const int d = std::abs(bf16_order(a.data()[i]) - bf16_order(b.data()[i]));
+    s.max = std::max(s.max, d);
+    s.over0 += d > 0;
+    s.over1 += d > 1;
+    ++s.n;
+  }
+  return s;
+}
+
+float round_bf16(double v) { return dora::io::detail::bf16_to_float(dora::io::detail::double_to_bf16(v)); }
+
+// Rewrites a safetensors file through `edit`, which may drop (return false) or replace tensors.
+template <typename Edit>
+void rewrite(const std::string& src, const std::string& dst, Edit edit) {
+  std::vector<std::uint8_t> copy = read_bytes(src);
+  const SafetensorsReader r = SafetensorsReader::from_memory(copy.data(), copy.size(), src);
+  SafetensorsWriter w(dst);
+  w.set_metadata(r.metadata());
+  for (const TensorInfo& t : r.tensors()) {
+    MatD m = r.matrix<double>(t.name);
+    std::vector<std::int64_t> shape = t.shape;
+    if (!edit(t.name, &m, &shape)) continue;
+    if (shape.size() == 1) w.add(t.name, Eigen::VectorXd(Eigen::Map<const Eigen::VectorXd>(m.data(), m.size())), t.dtype);
+    else w.add(t.name, m, t.dtype);
+  }
+  w.finish();
+}
+
+// merge_checkpoint must throw an error whose message holds every piece of `needles`, and leave
+// no output (nor any temporary) in the output's directory.
+void expect_merge_error(const std::string& base, const std::string& adapter, const TempDir& outdir,
+                        const std::vector<std::string>& needles) {
+  const std::string out = outdir / "merged.safetensors";
+  std::string msg = "<no error>";
+  try {
+    dora::io::merge_checkpoint(base, adapter, out);
+  } catch (const std::runtime_error& e) {
+    msg = e.what();
+  }
+  INFO("error: " << msg);
+  for (const std::string& n : needles) CHECK(msg.find(n) != std::string::npos);
+  CHECK(list_dir(outdir.path).empty());
+}
+
+// File image with a given header text and data size.
+std::vector<std::uint8_t> make_file(const std::string& header, std::size_t data_size) {
+  std::vector<std::uint8_t> b(8 + header.size() + data_size, 0);
+  const std::uint64_t n = header.size();
+  std::memcpy(b.data(), &n, 8);
+  std::copy(header.begin(), header.end(), b.begin() + 8);
+  return b;
+}
+
+}  // namespace
+
+TEST_CASE("PEFT pattern keys follow get_pattern_key", "[peft][config]") {
+  const auto m = [](const std::string& key, const std::string& path) {
+    return dora::io::detail::pattern_key_matches("cfg", key, path);
+  };
+  CHECK(m("fc1", "fc1"));
+  CHECK(m("fc1", "mlp.fc1"));
+  CHECK(m("fc1", "model.layers.0.mlp.fc1"));
+  CHECK_FALSE(m("fc1", "mlp.fc10"));
+  CHECK_FALSE(m("q_proj", "xq_proj"));
+  CHECK(m("mlp.fc2", "mlp.fc2"));
+  CHECK(m("fc.*", "mlp.fc1"));
+  CHECK(m("layers\\.0\\.mlp\\.fc1", "model.layers.0.mlp.fc1"));
+  CHECK_FALSE(m("layers\\.0\\.mlp\\.fc1", "model.layers.10.mlp.fc1"));
+
+  dora::io::PeftConfig c = dora::io::PeftConfig::parse(
+      R"({"r": 8, "lora_alpha": 16, "use_rslora": true, "rank_pattern": {"fc1": 4, "mlp.fc1": 2}, "alpha_pattern": {"fc.*": 3}})",
+      "cfg.json");
+  // First matching key in file order wins (a Python dict keeps insertion order).
+  CHECK(c.rank_for("mlp.fc1") == 4);
+  CHECK(c.rank_for("q_proj") == 8);
+  CHECK(c.alpha_for("mlp.fc2") == 3.0);
+  CHECK(c.scaling_for("mlp.fc1") == 3.0 / 2.0);  // rank 4 (first key), alpha 3
+  CHECK(c.scaling_for("q_proj") == 16.0 / std::sqrt(8.0));
+}
+
+TEST_CASE("adapter config and scaling agree with PEFT's live layers", "[peft][fixtures]") {
+  for (const std::string& c : cases()) {
+    const nlohmann::json meta = read_json(kData + "/" + c + "/meta.json");
+    const PeftAdapter a(kData + "/" + c + "/adapter");
+    REQUIRE(a.modules().size() == meta.at("modules").size());
+    for (const auto& kv : meta.at("modules").items()) {
+      const dora::io::PeftModule& m = a.module(kv.key());
+      INFO(c << " " << kv.key() << ": rank " << m.rank << " alpha " << m.alpha << " scaling " << m.scaling
+              << " vs PEFT " << kv.value().dump());
+      CHECK(m.rank == kv.value().at("r").get<Eigen::Index>());
+      CHECK(m.alpha == kv.value().at("lora_alpha").get<double>());
+      CHECK(std::abs(m.scaling - kv.value().at("scaling").get<double>()) <= 1e-15 * m.scaling);
+      CHECK(m.use_dora == kv.value().at("use_dora").get<bool>());
+      CHECK(m.d_out == kv.value().at("d_out").get<Eigen::Index>());
+      CHECK(m.d_in == kv.value().at("d_in").get<Eigen::Index>());
+      CHECK(a.config().targets(kv.key()));
+    }
+  }
+}
+
+TEST_CASE("merge_checkpoint reproduces PEFT's merge_and_unload", "[peft][merge]") {
+  for (const std::string& c : cases()) {
+    const std::string dir = kData + "/" + c;
+    TempDir tmp;
+    const std::string out = tmp / "merged.safetensors";
+    const dora::io::MergeReport rep = dora::io::merge_checkpoint(dir + "/base_model.safetensors", dir + "/adapter", out);
+    CHECK(rep.merged.size() == 4);
+    const SafetensorsReader ours(out), peft(dir + "/merged_model.safetensors"), base(dir + "/base_model.safetensors");
+    REQUIRE(ours.tensors().size() == peft.tensors().size());
+    for (const TensorInfo& t : peft.tensors()) {
+      REQUIRE(ours.contains(t.name));
+      CHECK(ours.info(t.name).dtype == t.dtype);
+      const bool adapted = PeftAdapter(dir + "/adapter").find(t.name.substr(0, t.name.size() - 7)) != nullptr &&
+                           t.name.size() > 7 && t.name.compare(t.name.size() - 7, 7, ".weight") == 0;
+      if (!adapted) {
+        // Copied byte for byte.
+        const TensorInfo& bt = base.info(t.name);
+        CHECK(std::memcmp(ours.raw(t.name), base.raw(t.name), bt.end - bt.begin) == 0);
+        continue;
+      }
+      if (!is_bf16_case(c)) {
+        const double err = rel_err(ours.matrix<double>(t.name), peft.matrix<double>(t.name));
+        INFO(c << " " << t.name << ": f32 merge relative error vs PEFT = " << err << " (tolerance 1e-6)");
+        CHECK(err <= 1e-6);
+      } else {
+        // bf16: PEFT rounds to bf16 after each step (delta, W + delta, norm, m / n, product); we
+        // compute in double and round once. Measured: the ulp distance to PEFT's bf16 result, and
+        // the distance to the bf16 rounding of PEFT's own float64 merge of the same stored values
+        // (merged_f64: what a single rounding gives), which must be 0 ulp (<= 1 allowed for ties).
+        const MatF o = ours.matrix<float>(t.name);
+        const UlpStats vs_peft = ulp_stats(o, peft.matrix<float>(t.name));
+        const SafetensorsReader f64(dir + "/merged_f64.safetensors");
+        const MatD exact = f64.matrix<double>(t.name);
+        MatF exact_rounded(exact.rows(), exact.cols());
+        for (Eigen::Index i = 0; i < exact.size(); ++i) exact_rounded.data()[i] = round_bf16(exact.data()[i]);
+        const UlpStats vs_exact = ulp_stats(o, exact_rounded);
+        const UlpStats peft_vs_exact = ulp_stats(peft.matrix<float>(t.name), exact_rounded);
+        INFO(c << " " << t.name << ": bf16 ulp distance to PEFT's bf16 merge: max " << vs_peft.max << ", "
+                << vs_peft.over0 << " of " << vs_peft.n << " differ, " << vs_peft.over1 << " by more than 1 ulp; "
+                << "to the rounded f64 merge: max " << vs_exact.max << " (" << vs_exact.over0 << " differ); PEFT's bf16 "
+                << "merge to the rounded f64 merge: max " << peft_vs_exact.max << " (" << peft_vs_exact.over0 << " differ)");
+        CHECK(vs_exact.max <= 1);
+        CHECK(vs_peft.max <= 1);
+      }
+    }
+  }
+}
+
+TEST_CASE("layers built from a loaded adapter reproduce PEFT's outputs", "[peft][layers]") {
+  for (const std::string& c : cases()) {
+    const std::string dir = kData + "/" + c;
+    const PeftAdapter a(dir + "/adapter");
+    const SafetensorsReader base(dir + "/base_model.safetensors"), io(dir + "/io.safetensors");
+    const bool bf16 = is_bf16_case(c);
+    for (const dora::io::PeftModule& m : a.modules()) {
+      const std::string bias_name = m.path + ".bias";
+      // Double layers on the stored values: PEFT's float64 copy of the same model for bf16 cases.
+      const MatD W = base.matrix<double>(m.weight_name());
+      const dora::Vector<double> b = base.contains(bias_name) ? base.vector<double>(bias_name) : dora::Vector<double>();
+      const dora::BaseLayer<double> bl = b.size() ? dora::borrow(W, b) : dora::borrow(W);
+      const MatD x = io.matrix<double>("x." + m.path);
+      MatD y;
+      if (m.use_dora) {
+        dora::DoraLinear<double> layer = a.make_dora<double>(m.path, bl);
+        y = layer.forward(x);
+        CHECK(layer.magnitude() == a.weights<double>(m).magnitude);  // from the file, not recomputed
+      } else {
+        y = a.make_lora<double>(m.path, bl).forward(x);
+      }
+      const double err = rel_err(y, io.matrix<double>((bf16 ? "y64." : "y.") + m.path));
+      const double tol = bf16 ? 1e-12 : 1e-5;
+      INFO(c << " " << m.path << ": layer output relative error vs PEFT " << (bf16 ? "(float64 copy)" : "(float32)")
+              << " = " << err << " (tolerance " << tol << ")");
+      CHECK(err <= tol);
+      if (bf16) {
+        const double e16 = rel_err(y, io.matrix<double>("y." + m.path));
+        INFO(c << " " << m.path << ": vs PEFT's bfloat16 forward = " << e16 << " (tolerance 2e-2: bf16 arithmetic)");
+        CHECK(e16 <= 2e-2);
+      }
+      if (!bf16) {  // float layers too
+        const MatF Wf = base.matrix<float>(m.weight_name());
+        const dora::Vector<float> bf = base.contains(bias_name) ? base.vector<float>(bias_name) : dora::Vector<float>();
+        const dora::BaseLayer<float> blf = bf.size() ? dora::borrow(Wf, bf) : dora::borrow(Wf);
+        const MatF xf = io.matrix<float>("x." + m.path);
+        const MatF yf = m.use_dora ? a.make_dora<float>(m.path, blf).forward(xf) : a.make_lora<float>(m.path, blf).forward(xf);
+        const double ef = rel_err(yf, io.matrix<float>("y." + m.path));
+        INFO(c << " " << m.path << ": float layer output relative error vs PEFT = " << ef);
+        CHECK(ef <= 1e-5);
+      }
+    }
+  }
+}
+
+TEST_CASE("shared reference adapter (peft_dora_adapter_f32)", "[peft][merge][reference]") {
+  const std::string dir = std::string(DORA_SHARED_REFERENCE_DIR) + "/peft_dora_adapter_f32";
+  if (!exists(dir + "/adapter_model.safetensors")) {
+    WARN("shared reference " << dir << " not found: skipping");
+    return;
+  }
+  TempDir tmp;
+  dora::io::merge_checkpoint(dir + "/base_model.safetensors", dir, tmp / "m.safetensors");
+  const SafetensorsReader ours(tmp / "m.safetensors"), peft(dir + "/merged_model.safetensors");
+  for (const TensorInfo& t : peft.tensors()) {
+    const double err = rel_err(ours.matrix<double>(t.name), peft.matrix<double>(t.name));
+    INFO(t.name << ": relative error vs PEFT merge_and_unload = " << err);
+    CHECK(err <= 1e-6);
+  }
+}
+
+TEST_CASE("adapter saved from C++ reloads with the same parameters and outputs", "[peft][save]") {
+  for (const char* name : {"cpp_saved", "cpp_saved_lora"}) {
+    const std::string dir = kData + "/" + name;
+    const PeftAdapter a(dir + "/adapter");
+    const SafetensorsReader base(dir + "/base_model.safetensors"), io(dir + "/io.safetensors");
+    dora::io::PeftAdapterWriter writer;
+    std::vector<MatF> Ws;
+    std::vector<dora::Vector<float>> bs;
+    Ws.reserve(a.modules().size());
+    bs.reserve(a.modules().size());
+    for (const dora::io::PeftModule& m : a.modules()) {
+      Ws.push_back(base.matrix<float>(m.weight_name()));
+      bs.push_back(base.contains(m.path + ".bias") ? base.vector<float>(m.path + ".bias") : dora::Vector<float>());
+      const dora::BaseLayer<float> bl = bs.back().size() ? dora::borrow(Ws.back(), bs.back()) : dora::borrow(Ws.back());
+      const MatF x = io.matrix<float>("x." + m.path);
+      MatF y;
+      if (m.use_dora) {
+        dora::DoraLinear<float> layer = a.make_dora<float>(m.path, bl);
+        y = layer.forward(x);
+        writer.add(m.path, layer);
+      } else {
+        dora::LoraLinear<float> layer = a.make_lora<float>(m.path, bl);
+        y = layer.forward(x);
+        writer.add(m.path, layer);
+      }
+      const double err = rel_err(y, io.matrix<float>("y." + m.path));
+      INFO(name << " " << m.path << ": reloaded layer vs the saved C++ output: " << err);
+      CHECK(err <= 1e-6);
+    }
+    // Round trip: the same tensors and the same resolved ranks / scalings.
+    TempDir tmp;
+    writer.write(tmp / "adapter");
+    const PeftAdapter b(tmp / "adapter");
+    REQUIRE(b.modules().size() == a.modules().size());
+    for (std::size_t i = 0; i < a.modules().size(); ++i) {
+      const dora::io::PeftModule &ma = a.modules()[i], &mb = b.modules()[i];
+      CHECK(ma.path == mb.path);
+      CHECK(ma.rank == mb.rank);
+      CHECK(ma.scaling == mb.scaling);
+      CHECK(a.weights<float>(ma).A == b.weights<float>(mb).A);
+      CHECK(a.weights<float>(ma).B == b.weights<float>(mb).B);
+      CHECK(a.weights<float>(ma).magnitude == b.weights<float>(mb).magnitude);
+    }
+  }
+  // What PEFT said when it loaded these directories (tools/check_peft_load.py, committed output).
+  std::ifstream log(kData + "/check_peft_load.txt");
+  const std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+  CHECK(text.find("ALL OK") != std::string::npos);
+}
+
+TEST_CASE("writer rejects adapters PEFT cannot express", "[peft][save]") {
+  const MatD W = dora_test::random_matrix<double>(6, 5, 1);
+  dora::AdapterConfig c;
+  c.rank = 2;
+  c.init = dora::Init::gaussian;
+  const dora::LoraLinear<double> lora(dora::borrow(W), c);
+  const dora::DoraLinear<double> dora_layer(dora::borrow(W), c);
+  dora::io::PeftAdapterWriter w;
+  w.add("a", lora);
+  CHECK_THROWS_WITH(w.add("b", dora_layer), Catch::Contains("use_dora is one setting"));
+  CHECK_THROWS_WITH(w.add("a", lora), Catch::Contains("added twice"));
+  dora::AdapterConfig rs = c;
+  rs.use_rslora = true;
+  const dora::LoraLinear<double> lora_rs(dora::borrow(W), rs);
+  CHECK_THROWS_WITH(w.add("c", lora_rs), Catch::Contains("use_rslora"));
+}
+
+TEST_CASE("sharded checkpoint: output mirrors the input's shards", "[peft][merge][sharded]") {
+  const std::string dir = kData + "/dora_f32";
+  TempDir tmp;
+  // Split the base into two shards with an index, as HF checkpoints ship.
+  const SafetensorsReader base(dir + "/base_model.safetensors");
+  nlohmann::ordered_json idx;
+  idx["metadata"]["total_size"] = 0;
+  {
+    SafetensorsWriter s1(tmp / "model-00001-of-00002.safetensors"), s2(tmp / "model-00002-of-00002.safetensors");
+    s1.set_metadata({{"format", "pt"}});
+    s2.set_metadata({{"format", "pt"}});
+    std::size_t k = 0;
+    for (const TensorInfo& t : base.tensors()) {
+      SafetensorsWriter& s = (k++ % 2 == 0) ? s1 : s2;
+      s.add_raw(t.name, t.dtype, t.shape, base.raw(t.name), t.end - t.begin);
+      idx["weight_map"][t.name] = (&s == &s1) ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
+    }
+    s1.finish();
+    s2.finish();
+  }
+  write_text(tmp / "model.safetensors.index.json", idx.dump(2));
+  const std::string out = tmp / "merged";
+  const dora::io::MergeReport rep = dora::io::merge_checkpoint(tmp / "model.safetensors.index.json", dir + "/adapter", out);
+  CHECK(rep.merged.size() == 4);
+  CHECK(list_dir(out) == std::vector<std::string>{"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                                                  "model.safetensors.index.json"});
+  const nlohmann::json oidx = read_json(out + "/model.safetensors.index.json");
+  CHECK(oidx.at("weight_map") == nlohmann::json::parse(idx.at("weight_map").dump()));
+  // Same values as the single-file merge, tensor by tensor, in the same shards.
+  dora::io::merge_checkpoint(dir + "/base_model.safetensors", dir + "/adapter", tmp / "single.safetensors");
+  const SafetensorsReader single(tmp / "single.safetensors");
+  std::size_t total = 0;
+  for (const auto& kv : oidx.at("weight_map").items()) {
+    const SafetensorsReader shard(out + "/" + kv.value().get<std::string>());
+    const TensorInfo& t = shard.info(kv.key());
+    total += t.end - t.begin;
+    REQUIRE(t.end - t.begin == single.info(kv.key()).end - single.info(kv.key()).begin);
+    CHECK(std::memcmp(shard.raw(kv.key()), single.raw(kv.key()), t.end - t.begin) == 0);
+  }
+  CHECK(oidx.at("metadata").at("total_size").get<std::size_t>() == total);
+
+  // An existing non-empty output directory is refused, and nothing is left beside it.
+  const std::vector<std::string> before = list_dir(tmp.path);
+  CHECK_THROWS_WITH(dora::io::merge_checkpoint(tmp / "model.safetensors.index.json", dir + "/adapter", out),
+                    Catch::Contains("not empty"));
+  CHECK(list_dir(tmp.path) == before);
+  // A failure while writing (a shard listed in the index that lacks a tensor) leaves no directory.
+  idx["weight_map"]["ghost.weight"] = "model-00001-of-00002.safetensors";
+  write_text(tmp / "bad.index.json", idx.dump());
+  CHECK_THROWS_WITH(dora::io::merge_checkpoint(tmp / "bad.index.json", dir + "/adapter", tmp / "out2"),
+                    Catch::Contains("ghost.weight"));
+  CHECK_FALSE(exists(tmp / "out2"));
+  // Nothing beside the inputs (bad.index.json was added by this test).
+  std::vector<std::string> after = list_dir(tmp.path);
+  after.erase(std::remove(after.begin(), after.end(), "bad.index.json"), after.end());
+  CHECK(after == before);
+}
+
+TEST_CASE("fan_in_fan_out: base weights stored transposed", "[peft][merge]") {
+  const std::string dir = kData + "/dora_f32";
+  TempDir tmp;
+  const PeftAdapter a(dir + "/adapter");
+  // Conv1D layout: every adapted weight stored [d_in, d_out].
+  rewrite(dir + "/base_model.safetensors", tmp / "base_t.safetensors", [&](const std::string& n, MatD* m, std::vector<std::int64_t>* shape) {
+    if (a.find(n.substr(0, n.size() - 7)) != nullptr && n.compare(n.size() - 7, 7, ".weight") == 0) {
+      *m = MatD(m->transpose());
+      *shape = {m->rows(), m->cols()};
+    }
+    return true;
+  });
+  copy_adapter(dir + "/adapter", tmp / "adapter");
+  nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(read_bytes(tmp / "adapter/adapter_config.json"));
+  cfg["fan_in_fan_out"] = true;
+  write_text(tmp / "adapter/adapter_config.json", cfg.dump());
+  dora::io::merge_checkpoint(tmp / "base_t.safetensors", tmp / "adapter", tmp / "m.safetensors");
+  const SafetensorsReader ours(tmp / "m.safetensors"), peft(dir + "/merged_model.safetensors");
+  for (const dora::io::PeftModule& m : a.modules()) {
+    const double err = rel_err(MatD(ours.matrix<double>(m.weight_name()).transpose()), peft.matrix<double>(m.weight_name()));
+    INFO(m.path << ": fan_in_fan_out merge (transposed back) vs PEFT = " << err);
+    CHECK(err <= 1e-6);
+  }
+  // The un-transposed base no longer fits.
+  TempDir out;
+  expect_merge_error(dir + "/base_model.safetensors", tmp / "adapter", out, {"fan_in_fan_out", "base_model.safetensors"});
+}
+
+TEST_CASE("--dtype converts every tensor, rounding once", "[peft][merge]") {
+  const std::string dir = kData + "/dora_f32";
+  TempDir tmp;
+  MergeOptions opt;
+  opt.dtype = Dtype::BF16;
+  dora::io::merge_checkpoint(dir + "/base_model.safetensors", dir + "/adapter", tmp / "bf16.safetensors", opt);
+  opt.dtype = Dtype::F64;
+  dora::io::merge_checkpoint(dir + "/base_model.safetensors", dir + "/adapter", tmp / "f64.safetensors", opt);
+  const SafetensorsReader b16(tmp / "bf16.safetensors"), f64(tmp / "f64.safetensors"), peft(dir + "/merged_model.safetensors");
+  for (const TensorInfo& t : b16.tensors()) {
+    CHECK(t.dtype == Dtype::BF16);
+    CHECK(f64.info(t.name).dtype == Dtype::F64);
+    const MatD exact = f64.matrix<double>(t.name);
+    MatF rounded(exact.rows(), exact.cols());
+    for (Eigen::Index i = 0; i < exact.size(); ++i) rounded.data()[i] = round_bf16(exact.data()[i]);
+    const UlpStats s = ulp_stats(b16.matrix<float>(t.name), rounded);
+    INFO(t.name << ": bf16 output vs bf16(f64 output): max ulp " << s.max);
+    CHECK(s.max == 0);
+    CHECK(rel_err(exact, peft.matrix<double>(t.name)) <= 1e-6);
+  }
+}
+
+TEST_CASE("hostile safetensors files at the merge level", "[peft][hostile]") {
+  const std::string dir = kData + "/dora_f32";
+  const std::string A = "base_model.model.q_proj.lora_A.weight";
+  // Each hostile image is placed as the base checkpoint and as the adapter's weights file.
+  struct Case {
+    const char* what;
+    std::vector<std::uint8_t> bytes;
+    std::vector<std::string> needles;  // besides the file name
+  };
+  const std::vector<std::uint8_t> good_base = read_bytes(dir + "/base_model.safetensors");
+  const std::vector<std::uint8_t> good_adapter = read_bytes(dir + "/adapter/adapter_model.safetensors");
+  for (int target = 0; target < 2; ++target) {
+    const std::vector<std::uint8_t>& good = target == 0 ? good_base : good_adapter;
+    const std::string tensor = target == 0 ? "q_proj.weight" : A;
+    std::vector<Case> hostile;
+    {
+      std::vector<std::uint8_t> b(good.begin(), good.end() - 10);
+      hostile.push_back({"truncated", b, {"tensor '"}});
+    }
+    {
+      std::vector<std::uint8_t> b = good;
+      const std::uint64_t n = b.size();
+      std::memcpy(b.data(), &n, 8);
+      hostile.push_back({"header length past the end", b, {"runs past the end"}});
+    }
+    {
+      std::vector<std::uint8_t> b = good;
+      const std::uint64_t n = 200'000'000;
+      std::memcpy(b.data(), &n, 8);
+      hostile.push_back({"header over 100 MB", b, {"exceeds the limit"}});
+    }
+    {
+      std::vector<std::uint8_t> b = good;
+      b[9] = '!';
+      hostile.push_back({"invalid JSON", b, {"invalid JSON"}});
+    }
+    const std::string t1 = "\"" + tensor + "\"";
+    hostile.push_back({"offsets out of range",
+                       make_file("{" + t1 + ":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]},\"x\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[16,24]}}", 16),
+                       {"tensor '", "past the end"}});
+    hostile.push_back({"overlapping offsets",
+                       make_file("{" + t1 + ":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]},\"x\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[8,24]}}", 24),
+                       {"tensor '", "overlaps"}});
+    hostile.push_back({"shape x dtype size mismatch",
+                       make_file("{" + t1 + ":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,16]}}", 16),
+                       {"tensor '" + tensor + "'", "needs 24"}});
+    hostile.push_back({"unknown dtype",
+                       make_file("{" + t1 + ":{\"dtype\":\"F8_E4M3\",\"shape\":[2,2],\"data_offsets\":[0,4]}}", 4),
+                       {"tensor '" + tensor + "'", "unsupported dtype"}});
+    for (const Case& hc : hostile) {
+      DYNAMIC_SECTION((target == 0 ? "base: " : "adapter: ") << hc.what) {
+        TempDir tmp, out;
+        std::string base = dir + "/base_model.safetensors", adapter = dir + "/adapter", file;
+        if (target == 0) {
+          base = file = tmp / "base.safetensors";
+          write_bytes(base, hc.bytes);
+        } else {
+          copy_adapter(dir + "/adapter", tmp / "adapter");
+          adapter = tmp / "adapter";
+          file = adapter + "/adapter_model.safetensors";
+          write_bytes(file, hc.bytes);
+        }
+        std::vector<std::string> needles = hc.needles;
+        needles.push_back(file);
+        expect_merge_error(base, adapter, out, needles);
+      }
+    }
+  }
+}
+
+TEST_CASE("inconsistent adapters are rejected naming the file and tensor", "[peft][hostile]") {
+  const std::string dir = kData + "/dora_f32";
+  const std::string pre = "base_model.model.";
+  const auto with_tensors = [&](const TempDir& tmp, auto edit) {
+    copy_adapter(dir + "/adapter", tmp / "adapter");
+    rewrite(dir + "/adapter/adapter_model.safetensors", tmp / "adapter/adapter_model.safetensors", edit);
+    return tmp / "adapter";
+  };
+  const std::string wfile = "adapter/adapter_model.safetensors";
+  SECTION("missing lora_A") {
+    TempDir tmp, out;
+    const std::string a = with_tensors(tmp, [&](const std::string& n, MatD*, std::vector<std::int64_t>*) {
+      return n != pre + "v_proj.lora_A.weight";
+    });
+    expect_merge_error(dir + "/base_model.safetensors", a, out, {wfile, pre + "v_proj.lora_A.weight", "missing"});
+  }
+  SECTION("missing lora_B") {
+    TempDir tmp, out;
+    const std::string a = with_tensors(tmp, [&](const std::string& n, MatD*, std::vector<std::int64_t>*) {
+      return n != pre + "mlp.fc1.lora_B.weight";
+    });
+    expect_merge_error(dir + "/base_model.safetensors", a, out, {wfile, pre + "mlp.fc1.lora_B.weight", "missing"});
+  }
+  SECTION("missing magnitude with use_dora") {
+    TempDir tmp, out;
+    const std::string a = with_tensors(tmp, [&](const std::string& n, MatD*, std::vector<std::int64_t>*) {
+      return n != pre + "q_proj.lora_magnitude_vector";
+    });
+    expect_merge_error(dir + "/base_model.safetensors", a, out, {wfile, pre + "q_proj.lora_magnitude_vector", "use_dora"});
+  }
+  SECTION("magnitude spelled with .weight is accepted") {
+    TempDir tmp, out;
+    copy_adapter(dir + "/adapter", tmp / "adapter");
+    {
+      const SafetensorsReader r(dir + "/adapter/adapter_model.safetensors");
+      SafetensorsWriter w(tmp / "adapter/adapter_model.safetensors");
+      for (const TensorInfo& t : r.tensors()) {
+        const bool mag = t.name.size() > 21 && t.name.compare(t.name.size() - 21, 21, "lora_magnitude_vector") == 0;
+        w.add_raw(mag ? t.name + ".weight" : t.name, t.dtype, t.shape, r.raw(t.name), t.end - t.begin);
+      }
+      w.finish();
+    }
+    dora::io::merge_checkpoint(dir + "/base_model.safetensors", tmp / "adapter", out / "a.safetensors");
+    dora::io::merge_checkpoint(dir + "/base_model.safetensors", dir + "/adapter", out / "b.safetensors");
+    CHECK(read_bytes(out / "a.safetensors") == read_bytes(out / "b.safetensors"));
+  }
+  SECTION("A and B ranks disagree") {
+    TempDir tmp, out;
+    const std::string a = with_tensors(tmp, [&](const std::string& n, MatD* m, std::vector<std::int64_t>* shape) {
+      if (n == pre + "v_proj.lora_B.weight") {
+        *m = MatD::Ones(m->rows(), m->cols() + 1);
+        *shape = {m->rows(), m->cols()};
+      }
+      return true;
+    });
+    expect_merge_error(dir + "/base_model.safetensors", a, out, {wfile, pre + "v_proj.lora_B.weight", "disagrees with lora_A"});
+  }
+  SECTION("rank disagrees with r in the config") {
+    TempDir tmp, out;
+    copy_adapter(dir + "/adapter", tmp / "adapter");
+    nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(read_bytes(tmp / "adapter/adapter_config.json"));
+    cfg["r"] = 5;
+    write_text(tmp / "adapter/adapter_config.json", cfg.dump());
+    expect_merge_error(dir + "/base_model.safetensors", tmp / "adapter", out,
+                       {wfile, pre + "mlp.fc2.lora_A.weight", "disagrees with", "adapter_config.json", "r = 5"});
+  }
+  SECTION("rank disagrees with rank_pattern") {
+    TempDir tmp, out;
+    copy_adapter(dir + "/adapter", tmp / "adapter");
+    nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(read_bytes(tmp / "adapter/adapter_config.json"));
+    cfg["rank_pattern"] = {{"fc1", 3}};
+    write_text(tmp / "adapter/adapter_config.json", cfg.dump());
+    expect_merge_error(dir + "/base_model.safetensors", tmp / "adapter", out,
+                       {wfile, pre + "mlp.fc1.lora_A.weight", "rank_pattern", "r = 3"});
+  }
+  SECTION("base weight shape does not match") {
+    TempDir tmp, out;
+    rewrite(dir + "/base_model.safetensors", tmp / "base.safetensors", [&](const std::string& n, MatD* m, std::vector<std::int64_t>* shape) {
+      if (n == "mlp.fc2.weight") {
+        *m = MatD::Zero(m->rows(), m->cols() - 1);
+        *shape = {m->rows(), m->cols()};
+      }
+      return true;
+    });
+    expect_merge_error(tmp / "base.safetensors", dir + "/adapter", out,
+                       {tmp / "base.safetensors", "'mlp.fc2.weight'", "32 x 47", "needs 32 x 48"});
+  }
+  SECTION("base lacks an adapted weight") {
+    TempDir tmp, out;
+    rewrite(dir + "/base_model.safetensors", tmp / "base.safetensors",
+            [&](const std::string& n, MatD*, std::vector<std::int64_t>*) { return n != "v_proj.weight"; });
+    expect_merge_error(tmp / "base.safetensors", dir + "/adapter", out, {"'v_proj.weight'", "not found"});
+  }
+  SECTION("layer on a wrong-shaped base weight") {
+    const PeftAdapter a(dir + "/adapter");
+    const MatD W = MatD::Zero(24, 31);
+    CHECK_THROWS_WITH(a.make_dora<double>("q_proj", dora::borrow(W)), Catch::Contains("q_proj") && Catch::Contains("needs 24 x 32"));
+    CHECK_THROWS_AS(a.make_lora<double>("q_proj", dora::borrow(W)), dora::io::PeftError);
+  }
+  SECTION("unsupported or invalid config values") {
+    const std::vector<std::pair<std::string, std::string>> bad = {
+        {R"({"r": 4, "lora_alpha": 8, "peft_type": "IA3"})", "peft_type"},
+        {R"({"r": 4, "lora_alpha": 8, "bias": "all"})", "'bias'"},
+        {R"({"r": 4, "lora_alpha": 8, "use_dora": "yes"})", "'use_dora'"},
+        {R"({"r": 0, "lora_alpha": 8})", "'r'"},
+        {R"({"r": 4, "lora_alpha": 8, "modules_to_save": ["classifier"]})", "modules_to_save"},
+        {R"({"r": 4, "lora_alpha": 8, "lora_bias": true})", "lora_bias"},
+        {R"({"r": 4, "lora_alpha": 8, "rank_pattern": {"fc(": 2}})", "pattern key 'fc('"},
+        {R"({"r": 4, "lora_alpha": 8, "target_modules": 3})", "target_modules"},
+        {R"({"lora_alpha": 8})", "missing 'r'"},
+        {R"({"r": 4, "lora_alpha": 8,)", "invalid JSON"},
+    };
+    for (const auto& b : bad) {
+      TempDir tmp, out;
+      copy_adapter(dir + "/adapter", tmp / "adapter");
+      write_text(tmp / "adapter/adapter_config.json", b.first);
+      expect_merge_error(dir + "/base_model.safetensors", tmp / "adapter", out, {"adapter_config.json", b.second});
+    }
+  }
+  SECTION("missing files") {
+    TempDir tmp, out;
+    expect_merge_error(dir + "/base_model.safetensors", tmp / "nope", out, {"nope", "does not exist"});
+    REQUIRE(::mkdir((tmp / "empty").c_str(), 0755) == 0);
+    expect_merge_error(dir + "/base_model.safetensors", tmp / "empty", out, {"adapter_config.json", "missing"});
+    expect_merge_error(tmp / "nobase.safetensors", dir + "/adapter", out, {"nobase.safetensors", "cannot open"});
+  }
+}
