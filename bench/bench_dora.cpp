@@ -54,7 +54,8 @@ double flops(const benchmark::State& st, Pass pass, int norm_products, bool adap
 }
 
 void finish(benchmark::State& st, double flops_per_iteration) {
-  st.counters["GFLOP/s"] = benchmark::Counter(flops_per_iteration * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["GFLOP/s"] =
+      benchmark::Counter(flops_per_iteration * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   st.counters["threads"] = Eigen::nbThreads();
 }
 

@@ -7,9 +7,8 @@
 
 #include <cstdio>
 #include <cstdlib>
-#include <string>
-
 #include <dora/dora.hpp>
+#include <string>
 
 #include "../tests/support/dense_dora.hpp"
 #include "../tests/test_support.hpp"

@@ -8,11 +8,10 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <dora/dora.hpp>
 #include <functional>
 #include <string>
 #include <vector>
-
-#include <dora/dora.hpp>
 
 #include "../tests/support/dense_dora.hpp"
 #include "../tests/test_support.hpp"
@@ -40,7 +39,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: step_driver <d_out> <d_in> <r> <n> <repetitions> [methods...]\n");
     return 2;
   }
-  const Eigen::Index d_out = std::atol(argv[1]), d_in = std::atol(argv[2]), r = std::atol(argv[3]), n = std::atol(argv[4]);
+  const Eigen::Index d_out = std::atol(argv[1]), d_in = std::atol(argv[2]), r = std::atol(argv[3]),
+                     n = std::atol(argv[4]);
   const int reps = std::atoi(argv[5]);
   std::vector<std::string> methods;
   for (int i = 6; i < argc; ++i) methods.emplace_back(argv[i]);
@@ -67,22 +67,32 @@ int main(int argc, char** argv) {
       });
     } else if (m == "lora") {
       dora::LoraLinear<S> layer(dora::borrow(W, bias), config, A, B);
-      ms = time_steps(reps, [&] { layer.forward(x, y); layer.backward(dy, dx); });
+      ms = time_steps(reps, [&] {
+        layer.forward(x, y);
+        layer.backward(dy, dx);
+      });
     } else if (m == "dora" || m == "doraexact") {
       config.norm_gradient = m == "dora" ? dora::NormGradient::detached : dora::NormGradient::exact;
       dora::DoraLinear<S> layer(dora::borrow(W, bias), config, A, B);
-      ms = time_steps(reps, [&] { layer.forward(x, y); layer.backward(dy, dx); });
+      ms = time_steps(reps, [&] {
+        layer.forward(x, y);
+        layer.backward(dy, dx);
+      });
     } else if (m == "doradense") {
       dora_test::DenseDora<S> layer(dora::borrow(W, bias), A, B, static_cast<S>(config.scaling()));
-      ms = time_steps(reps, [&] { layer.forward(x, y); layer.backward(dy, dx); });
+      ms = time_steps(reps, [&] {
+        layer.forward(x, y);
+        layer.backward(dy, dx);
+      });
     } else {
       std::fprintf(stderr, "step_driver: unknown method '%s'\n", m.c_str());
       return 2;
     }
-    std::printf("{\"impl\": \"dora\", \"method\": \"%s\", \"d_out\": %ld, \"d_in\": %ld, \"r\": %ld, \"n\": %ld, "
-                "\"threads\": %d, \"median_ms\": %.3f, \"min_ms\": %.3f, \"reps\": %d}\n",
-                m.c_str(), static_cast<long>(d_out), static_cast<long>(d_in), static_cast<long>(r), static_cast<long>(n),
-                Eigen::nbThreads(), ms[ms.size() / 2], ms.front(), reps);
+    std::printf(
+        "{\"impl\": \"dora\", \"method\": \"%s\", \"d_out\": %ld, \"d_in\": %ld, \"r\": %ld, \"n\": %ld, "
+        "\"threads\": %d, \"median_ms\": %.3f, \"min_ms\": %.3f, \"reps\": %d}\n",
+        m.c_str(), static_cast<long>(d_out), static_cast<long>(d_in), static_cast<long>(r), static_cast<long>(n),
+        Eigen::nbThreads(), ms[ms.size() / 2], ms.front(), reps);
     std::fflush(stdout);
   }
   return 0;

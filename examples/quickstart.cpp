@@ -1,14 +1,13 @@
 // Quick start: wrap an existing weight in DoraLinear, train a few steps on a toy regression with
 // the library's gradients, merge, and check the merged layer gives the same outputs.
 #include <cstdio>
-
 #include <dora/dora.hpp>
 
 int main() {
   using Mat = dora::Matrix<double>;
   const Eigen::Index d_in = 32, d_out = 16, n = 256;
-  std::srand(7);  // Eigen's Random() draws from rand(): fixed seed, fixed run
-  const Mat W = Mat::Random(d_out, d_in);                            // a frozen, "pretrained" weight
+  std::srand(7);                           // Eigen's Random() draws from rand(): fixed seed, fixed run
+  const Mat W = Mat::Random(d_out, d_in);  // a frozen, "pretrained" weight
   const dora::Vector<double> bias = dora::Vector<double>::Random(d_out);
   const Mat target_W = W + 0.3 * Mat::Random(d_out, 2) * Mat::Random(2, d_in);  // the task: a low-rank shift
   const Mat x = Mat::Random(n, d_in);
@@ -23,7 +22,7 @@ int main() {
   const double lr = 0.02;
   for (int step = 0; step <= 300; ++step) {
     layer.forward(x, y);
-    dy = (y - target) / static_cast<double>(n);                      // d(0.5 * mean sum sq) / dy
+    dy = (y - target) / static_cast<double>(n);  // d(0.5 * mean sum sq) / dy
     const double loss = 0.5 * (y - target).squaredNorm() / static_cast<double>(n);
     layer.zero_grad();
     layer.backward_parameters(dy);

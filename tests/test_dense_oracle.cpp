@@ -31,8 +31,9 @@ void compare(Eigen::Index d_out, Eigen::Index d_in, Eigen::Index r, Eigen::Index
   layer.backward(dy, dx1);
   dense.backward(dy, dx2);
   INFO(d_out << " x " << d_in << " r " << r << ": y " << rel_err(y1, y2) << " dx " << rel_err(dx1, dx2) << " n "
-             << rel_err(layer.row_norm(), dense.row_norm()) << " dA " << rel_err(layer.grad_lora_A(), dense.grad_lora_A())
-             << " dB " << rel_err(layer.grad_lora_B(), dense.grad_lora_B()) << " dm "
+             << rel_err(layer.row_norm(), dense.row_norm()) << " dA "
+             << rel_err(layer.grad_lora_A(), dense.grad_lora_A()) << " dB "
+             << rel_err(layer.grad_lora_B(), dense.grad_lora_B()) << " dm "
              << rel_err(layer.grad_magnitude(), dense.grad_magnitude()));
   CHECK(rel_err(layer.row_norm(), dense.row_norm()) <= tol);
   CHECK(rel_err(y1, y2) <= tol);

@@ -13,7 +13,7 @@ TEMPLATE_TEST_CASE("Zero rows of W: inactive without an adapter row, normal with
   W.row(1).setZero();
   W.row(4).setZero();
   Mat<S> B = random_matrix<S>(6, 2, 2, 0.5);
-  B.row(1).setZero();  // row 1: W_1 = 0 and B_1 = 0, so V_1 = 0: inactive
+  B.row(1).setZero();                          // row 1: W_1 = 0 and B_1 = 0, so V_1 = 0: inactive
   const Mat<S> A = random_matrix<S>(2, 5, 3);  // row 4: W_4 = 0 but V_4 = s B_4 A != 0: active
   const Vec<S> b = random_vector<S>(6, 4);
   const Mat<S> x = random_matrix<S>(3, 5, 5);
@@ -79,7 +79,8 @@ TEST_CASE("Rank larger than min(d_in, d_out) works and matches the dense computa
   dense.forward(x, y2);
   layer.backward(dy, dx1);
   dense.backward(dy, dx2);
-  INFO("y " << rel_err(y1, y2) << " dx " << rel_err(dx1, dx2) << " dA " << rel_err(layer.grad_lora_A(), dense.grad_lora_A()));
+  INFO("y " << rel_err(y1, y2) << " dx " << rel_err(dx1, dx2) << " dA "
+            << rel_err(layer.grad_lora_A(), dense.grad_lora_A()));
   CHECK(rel_err(y1, y2) <= 1e-14);
   CHECK(rel_err(dx1, dx2) <= 1e-14);
   CHECK(rel_err(layer.grad_lora_A(), dense.grad_lora_A()) <= 1e-14);
@@ -93,8 +94,10 @@ TEST_CASE("A batch of one row and a batch of zero rows", "[edge]") {
   c.rank = 2;
   for (dora::NormGradient mode : {dora::NormGradient::detached, dora::NormGradient::exact}) {
     c.norm_gradient = mode;
-    dora::DoraLinear<double> layer(dora::borrow(W, b), c, random_matrix<double>(2, 4, 32), random_matrix<double>(6, 2, 33));
-    dora::LoraLinear<double> lora(dora::borrow(W, b), c, random_matrix<double>(2, 4, 32), random_matrix<double>(6, 2, 33));
+    dora::DoraLinear<double> layer(dora::borrow(W, b), c, random_matrix<double>(2, 4, 32),
+                                   random_matrix<double>(6, 2, 33));
+    dora::LoraLinear<double> lora(dora::borrow(W, b), c, random_matrix<double>(2, 4, 32),
+                                  random_matrix<double>(6, 2, 33));
     // One row: the same as that row inside a bigger batch.
     const Mat<double> x = random_matrix<double>(3, 4, 34);
     const Mat<double> y_all = layer.forward(x);
@@ -116,7 +119,7 @@ TEST_CASE("A batch of one row and a batch of zero rows", "[edge]") {
   }
 }
 
-TEST_CASE("NaN and inf in the input propagate to the rows they touch; nothing is hidden", "[edge]") {
+TEST_CASE("NaN and inf in the input propagate to the rows they touch and nothing is hidden", "[edge]") {
   const Mat<double> W = random_matrix<double>(5, 4, 40);
   dora::AdapterConfig c;
   c.rank = 2;

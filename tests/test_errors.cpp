@@ -42,7 +42,8 @@ TEMPLATE_TEST_CASE("Invalid settings throw std::invalid_argument naming the sett
   CHECK_THROWS_AS((dora::LoraLinear<S>(dora::borrow(W), c)), std::invalid_argument);
   c = config(2);
   c.dropout = 1.0;
-  CHECK_THROWS_NAMING((dora::DoraLinear<S>(dora::borrow(W), c)), std::invalid_argument, "dropout must lie in [0, 1), got 1");
+  CHECK_THROWS_NAMING((dora::DoraLinear<S>(dora::borrow(W), c)), std::invalid_argument,
+                      "dropout must lie in [0, 1), got 1");
   c.dropout = -0.1;
   CHECK_THROWS_AS((dora::LoraLinear<S>(dora::borrow(W), c)), std::invalid_argument);
   c = config(2);
@@ -58,25 +59,29 @@ TEMPLATE_TEST_CASE("Shape mismatches throw std::invalid_argument naming the size
   const Mat<S> empty(0, 4);
   CHECK_THROWS_NAMING(dora::borrow(empty), std::invalid_argument, "0 x 4");
   // User-supplied A and B of the wrong shape.
-  CHECK_THROWS_NAMING((dora::DoraLinear<S>(dora::borrow(W), config(2), Mat<S>::Zero(2, 5), Mat<S>::Zero(6, 2))), std::invalid_argument,
-                       "lora_A must be r x d_in = 2 x 4, got 2 x 5");
+  CHECK_THROWS_NAMING((dora::DoraLinear<S>(dora::borrow(W), config(2), Mat<S>::Zero(2, 5), Mat<S>::Zero(6, 2))),
+                      std::invalid_argument, "lora_A must be r x d_in = 2 x 4, got 2 x 5");
   CHECK_THROWS_NAMING((dora::LoraLinear<S>(dora::borrow(W), config(2), Mat<S>::Zero(2, 4), Mat<S>::Zero(6, 3))),
                       std::invalid_argument, "lora_B must be d_out x r = 6 x 2, got 6 x 3");
 
   dora::DoraLinear<S> layer(dora::borrow(W), config(2));
   dora::LoraLinear<S> lora(dora::borrow(W), config(2));
-  CHECK_THROWS_NAMING(layer.forward(Mat<S>::Zero(3, 5)), std::invalid_argument, "x must have d_in = 4 columns, got 3 x 5");
+  CHECK_THROWS_NAMING(layer.forward(Mat<S>::Zero(3, 5)), std::invalid_argument,
+                      "x must have d_in = 4 columns, got 3 x 5");
   CHECK_THROWS_NAMING(lora.forward(Mat<S>::Zero(3, 5)), std::invalid_argument, "d_in = 4");
   Mat<S> y_wrong = Mat<S>::Zero(3, 5);
-  CHECK_THROWS_NAMING(layer.forward(Mat<S>::Zero(3, 4), y_wrong), std::invalid_argument, "y must be N x d_out = 3 x 6, got 3 x 5");
+  CHECK_THROWS_NAMING(layer.forward(Mat<S>::Zero(3, 4), y_wrong), std::invalid_argument,
+                      "y must be N x d_out = 3 x 6, got 3 x 5");
   CHECK_THROWS_NAMING(layer.set_magnitude(Vec<S>::Zero(5)), std::invalid_argument, "d_out = 6 entries, got 5");
   CHECK_THROWS_NAMING(layer.set_lora_B(Mat<S>::Zero(5, 2)), std::invalid_argument, "got 5 x 2");
 
   // dy with the wrong shape, dx with the wrong shape.
   layer.forward(Mat<S>::Zero(3, 4));
-  CHECK_THROWS_NAMING(layer.backward(Mat<S>::Zero(2, 6)), std::invalid_argument, "dy must be N x d_out = 3 x 6 (N from the last forward), got 2 x 6");
+  CHECK_THROWS_NAMING(layer.backward(Mat<S>::Zero(2, 6)), std::invalid_argument,
+                      "dy must be N x d_out = 3 x 6 (N from the last forward), got 2 x 6");
   Mat<S> dx_wrong = Mat<S>::Zero(3, 5);
-  CHECK_THROWS_NAMING(layer.backward(Mat<S>::Zero(3, 6), dx_wrong), std::invalid_argument, "dx must be N x d_in = 3 x 4, got 3 x 5");
+  CHECK_THROWS_NAMING(layer.backward(Mat<S>::Zero(3, 6), dx_wrong), std::invalid_argument,
+                      "dx must be N x d_in = 3 x 4, got 3 x 5");
   lora.forward(Mat<S>::Zero(3, 4));
   CHECK_THROWS_NAMING(lora.backward(Mat<S>::Zero(3, 7)), std::invalid_argument, "got 3 x 7");
 
@@ -97,7 +102,8 @@ TEST_CASE("Aliased outputs are refused", "[errors]") {
   CHECK_THROWS_NAMING(layer.backward(g, g), std::invalid_argument, "dx must not share memory with dy");
 }
 
-TEMPLATE_TEST_CASE("Backward before forward, or twice after one forward, throws std::logic_error", "[errors]", float, double) {
+TEMPLATE_TEST_CASE("Backward before forward, or twice after one forward, throws std::logic_error", "[errors]", float,
+                   double) {
   using S = TestType;
   const Mat<S> W = random_matrix<S>(6, 4, 1);
   dora::DoraLinear<S> layer(dora::borrow(W), config(2));

@@ -5,10 +5,9 @@
 //  - dropout: the mask is held fixed by reseeding the mask generator before every evaluation.
 // The objective is f = sum(y .* dy) for a fixed random dy, so df/dy = dy.
 
+#include <catch2/catch.hpp>
 #include <functional>
 #include <vector>
-
-#include <catch2/catch.hpp>
 
 #include "test_support.hpp"
 
@@ -177,7 +176,8 @@ TEST_CASE("DoRA exact gradients match central differences of the layer output", 
   }
 }
 
-TEST_CASE("DoRA exact gradients in evaluation mode (cached norm) match central differences", "[gradients][dora][exact]") {
+TEST_CASE("DoRA exact gradients in evaluation mode (cached norm) match central differences",
+          "[gradients][dora][exact]") {
   for (const Shape& s : kShapes) {
     INFO("d_out " << s.d_out << " d_in " << s.d_in << " r " << s.rank << " N " << s.batch);
     check_dora_exact(s, 0.0, false, true);
@@ -218,21 +218,39 @@ TEST_CASE("Detached and exact gradients differ where the norm depends on A and B
   CHECK(rel_err(detached.grad_magnitude(), exact.grad_magnitude()) <= 1e-15);
 }
 
-TEST_CASE("Gradients accumulate across backward calls until zero_grad", "[gradients]") {
-  const Shape s{6, 5, 2, 3};
-  Problem p = make_problem(s, 12, 0.0, dora::NormGradient::exact, false);
-  dora::DoraLinear<double> layer(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+template <typename Layer>
+void check_accumulation(Layer& layer, const Problem& p) {
   layer.forward(p.x);
   layer.backward(p.dy);
-  const M once = layer.grad_lora_B();
-  const V once_m = layer.grad_magnitude();
+  const M once_A = layer.grad_lora_A();
+  const M once_B = layer.grad_lora_B();
   layer.forward(p.x);
   layer.backward(p.dy);
-  INFO("dB after two steps vs 2 x one step: " << rel_err(layer.grad_lora_B(), M(2.0 * once)));
-  CHECK(rel_err(layer.grad_lora_B(), M(2.0 * once)) <= 1e-15);
-  CHECK(rel_err(layer.grad_magnitude(), V(2.0 * once_m)) <= 1e-15);
+  INFO("dA after two steps vs 2 x one step: " << rel_err(layer.grad_lora_A(), M(2.0 * once_A))
+                                              << ", dB: " << rel_err(layer.grad_lora_B(), M(2.0 * once_B)));
+  CHECK(rel_err(layer.grad_lora_A(), M(2.0 * once_A)) <= 1e-15);
+  CHECK(rel_err(layer.grad_lora_B(), M(2.0 * once_B)) <= 1e-15);
   layer.zero_grad();
   CHECK(layer.grad_lora_A().isZero(0.0));
   CHECK(layer.grad_lora_B().isZero(0.0));
-  CHECK(layer.grad_magnitude().isZero(0.0));
+}
+
+TEST_CASE("Gradients accumulate across backward calls until zero_grad", "[gradients]") {
+  const Shape s{6, 5, 2, 3};
+  for (dora::NormGradient mode : {dora::NormGradient::detached, dora::NormGradient::exact}) {
+    Problem p = make_problem(s, 12, 0.0, mode, false);
+    dora::DoraLinear<double> layer(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+    layer.forward(p.x);
+    layer.backward(p.dy);
+    const V once_m = layer.grad_magnitude();
+    layer.forward(p.x);
+    layer.backward(p.dy);
+    INFO("dm after two steps vs 2 x one step: " << rel_err(layer.grad_magnitude(), V(2.0 * once_m)));
+    CHECK(rel_err(layer.grad_magnitude(), V(2.0 * once_m)) <= 1e-15);
+    layer.zero_grad();
+    CHECK(layer.grad_magnitude().isZero(0.0));
+    check_accumulation(layer, p);
+    dora::LoraLinear<double> lora(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+    check_accumulation(lora, p);
+  }
 }

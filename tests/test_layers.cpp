@@ -108,7 +108,7 @@ void check_merge(double tol) {
   CHECK(rel_err(lora.unmerge(Wl), W) <= tol);
 }
 
-TEST_CASE("Merge then a plain matmul equals the adapter's forward; unmerge returns W", "[merge]") {
+TEST_CASE("Merge then a plain matmul equals the adapter's forward and unmerge returns W", "[merge]") {
   check_merge<double>(1e-14);
   check_merge<float>(1e-5);
 }
@@ -132,7 +132,8 @@ TEST_CASE("Dropout: PEFT semantics, a mask of 0 and 1/(1-p), off in evaluation m
   CHECK(zeros + kept == mask.size());
   CHECK(std::abs(frac - 0.3) < 0.02);
   // LoRA with dropout: y = x W^T + s ((x .* mask) A^T) B^T: the base path sees the full x.
-  const Mat<double> expected = x * W.transpose() + layer.scaling() * (x.cwiseProduct(mask) * A.transpose()) * B.transpose();
+  const Mat<double> expected =
+      x * W.transpose() + layer.scaling() * (x.cwiseProduct(mask) * A.transpose()) * B.transpose();
   INFO("train output vs formula: " << rel_err(y_train, expected));
   CHECK(rel_err(y_train, expected) <= 1e-14);
   // Evaluation: no dropout, equal to the p = 0 layer.
@@ -188,6 +189,28 @@ TEST_CASE("Evaluation mode reuses the row norm only while A, B and m are unchang
   CHECK(rel_err(y, fresh()) <= 1e-15);
 }
 
+TEST_CASE("refresh_base() makes the layer see a W edited in place", "[eval][cache]") {
+  Mat<double> W = random_matrix<double>(8, 6, 35);
+  const Mat<double> x = random_matrix<double>(4, 6, 36);
+  dora::AdapterConfig c;
+  c.rank = 2;
+  const Mat<double> A = random_matrix<double>(2, 6, 37), B = random_matrix<double>(8, 2, 38);
+  for (bool eval_mode : {true, false}) {
+    Mat<double> W_edit = W;
+    dora::DoraLinear<double> layer(dora::borrow(W_edit), c, A, B);
+    if (eval_mode) layer.eval();
+    layer.forward(x);
+    W_edit.row(0) *= 2.0;
+    layer.refresh_base();
+    dora::DoraLinear<double> fresh(dora::borrow(W_edit), c, A, B);
+    fresh.set_magnitude(layer.magnitude());
+    if (eval_mode) fresh.eval();
+    const double diff = rel_err(layer.forward(x), fresh.forward(x));
+    INFO("eval " << eval_mode << ": after refresh_base vs a fresh layer: " << diff);
+    CHECK(diff <= 1e-15);
+  }
+}
+
 TEST_CASE("A row whose direction is zero is inactive: finite output (the bias), no NaN", "[policy]") {
   Mat<double> W = random_matrix<double>(5, 4, 40);
   const Vec<double> b = random_vector<double>(5, 41);
@@ -226,7 +249,7 @@ TEST_CASE("A row whose direction is zero is inactive: finite output (the bias), 
   CHECK(y.row(0).allFinite());
 }
 
-TEST_CASE("Factored row norm equals the dense one; rows with heavy cancellation are recomputed", "[norm]") {
+TEST_CASE("Factored row norm equals the dense one and rows with heavy cancellation are recomputed", "[norm]") {
   const Mat<double> W = random_matrix<double>(40, 30, 50);
   const Mat<double> A = random_matrix<double>(5, 30, 51);
   Mat<double> B = random_matrix<double>(40, 5, 52, 0.1);

@@ -8,8 +8,8 @@
 #include <stdexcept>
 // A forbidden allocation becomes an exception (not an abort), so the test reports it and a second
 // test can show that the guard does detect one.
-#define eigen_assert(x) \
-  do {                  \
+#define eigen_assert(x)                                             \
+  do {                                                              \
     if (!(x)) throw std::runtime_error("eigen_assert failed: " #x); \
   } while (false)
 

@@ -13,18 +13,16 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <dora/io/peft_adapter.hpp>
 #include <fstream>
 #include <iterator>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <catch2/catch.hpp>
-#include <nlohmann/json.hpp>
-
-#include <dora/io/peft_adapter.hpp>
 
 #include "test_support.hpp"
 
@@ -157,8 +155,10 @@ void rewrite(const std::string& src, const std::string& dst, Edit edit) {
     MatD m = r.matrix<double>(t.name);
     std::vector<std::int64_t> shape = t.shape;
     if (!edit(t.name, &m, &shape)) continue;
-    if (shape.size() == 1) w.add(t.name, Eigen::VectorXd(Eigen::Map<const Eigen::VectorXd>(m.data(), m.size())), t.dtype);
-    else w.add(t.name, m, t.dtype);
+    if (shape.size() == 1)
+      w.add(t.name, Eigen::VectorXd(Eigen::Map<const Eigen::VectorXd>(m.data(), m.size())), t.dtype);
+    else
+      w.add(t.name, m, t.dtype);
   }
   w.finish();
 }
@@ -223,7 +223,7 @@ TEST_CASE("adapter config and scaling agree with PEFT's live layers", "[peft][fi
     for (const auto& kv : meta.at("modules").items()) {
       const dora::io::PeftModule& m = a.module(kv.key());
       INFO(c << " " << kv.key() << ": rank " << m.rank << " alpha " << m.alpha << " scaling " << m.scaling
-              << " vs PEFT " << kv.value().dump());
+             << " vs PEFT " << kv.value().dump());
       CHECK(m.rank == kv.value().at("r").get<Eigen::Index>());
       CHECK(m.alpha == kv.value().at("lora_alpha").get<double>());
       CHECK(std::abs(m.scaling - kv.value().at("scaling").get<double>()) <= 1e-15 * m.scaling);
@@ -240,7 +240,8 @@ TEST_CASE("merge_checkpoint reproduces PEFT's merge_and_unload", "[peft][merge]"
     const std::string dir = kData + "/" + c;
     TempDir tmp;
     const std::string out = tmp / "merged.safetensors";
-    const dora::io::MergeReport rep = dora::io::merge_checkpoint(dir + "/base_model.safetensors", dir + "/adapter", out);
+    const dora::io::MergeReport rep =
+        dora::io::merge_checkpoint(dir + "/base_model.safetensors", dir + "/adapter", out);
     CHECK(rep.merged.size() == 4);
     const SafetensorsReader ours(out), peft(dir + "/merged_model.safetensors"), base(dir + "/base_model.safetensors");
     REQUIRE(ours.tensors().size() == peft.tensors().size());
@@ -273,9 +274,10 @@ TEST_CASE("merge_checkpoint reproduces PEFT's merge_and_unload", "[peft][merge]"
         const UlpStats vs_exact = ulp_stats(o, exact_rounded);
         const UlpStats peft_vs_exact = ulp_stats(peft.matrix<float>(t.name), exact_rounded);
         INFO(c << " " << t.name << ": bf16 ulp distance to PEFT's bf16 merge: max " << vs_peft.max << ", "
-                << vs_peft.over0 << " of " << vs_peft.n << " differ, " << vs_peft.over1 << " by more than 1 ulp; "
-                << "to the rounded f64 merge: max " << vs_exact.max << " (" << vs_exact.over0 << " differ); PEFT's bf16 "
-                << "merge to the rounded f64 merge: max " << peft_vs_exact.max << " (" << peft_vs_exact.over0 << " differ)");
+               << vs_peft.over0 << " of " << vs_peft.n << " differ, " << vs_peft.over1 << " by more than 1 ulp; "
+               << "to the rounded f64 merge: max " << vs_exact.max << " (" << vs_exact.over0 << " differ); PEFT's bf16 "
+               << "merge to the rounded f64 merge: max " << peft_vs_exact.max << " (" << peft_vs_exact.over0
+               << " differ)");
         CHECK(vs_exact.max <= 1);
         CHECK(vs_peft.max <= 1);
       }
@@ -307,7 +309,7 @@ TEST_CASE("layers built from a loaded adapter reproduce PEFT's outputs", "[peft]
       const double err = rel_err(y, io.matrix<double>((bf16 ? "y64." : "y.") + m.path));
       const double tol = bf16 ? 1e-12 : 1e-5;
       INFO(c << " " << m.path << ": layer output relative error vs PEFT " << (bf16 ? "(float64 copy)" : "(float32)")
-              << " = " << err << " (tolerance " << tol << ")");
+             << " = " << err << " (tolerance " << tol << ")");
       CHECK(err <= tol);
       if (bf16) {
         const double e16 = rel_err(y, io.matrix<double>("y." + m.path));
@@ -319,7 +321,8 @@ TEST_CASE("layers built from a loaded adapter reproduce PEFT's outputs", "[peft]
         const dora::Vector<float> bf = base.contains(bias_name) ? base.vector<float>(bias_name) : dora::Vector<float>();
         const dora::BaseLayer<float> blf = bf.size() ? dora::borrow(Wf, bf) : dora::borrow(Wf);
         const MatF xf = io.matrix<float>("x." + m.path);
-        const MatF yf = m.use_dora ? a.make_dora<float>(m.path, blf).forward(xf) : a.make_lora<float>(m.path, blf).forward(xf);
+        const MatF yf =
+            m.use_dora ? a.make_dora<float>(m.path, blf).forward(xf) : a.make_lora<float>(m.path, blf).forward(xf);
         const double ef = rel_err(yf, io.matrix<float>("y." + m.path));
         INFO(c << " " << m.path << ": float layer output relative error vs PEFT = " << ef);
         CHECK(ef <= 1e-5);
@@ -433,10 +436,11 @@ TEST_CASE("sharded checkpoint: output mirrors the input's shards", "[peft][merge
   }
   write_text(tmp / "model.safetensors.index.json", idx.dump(2));
   const std::string out = tmp / "merged";
-  const dora::io::MergeReport rep = dora::io::merge_checkpoint(tmp / "model.safetensors.index.json", dir + "/adapter", out);
+  const dora::io::MergeReport rep =
+      dora::io::merge_checkpoint(tmp / "model.safetensors.index.json", dir + "/adapter", out);
   CHECK(rep.merged.size() == 4);
-  CHECK(list_dir(out) == std::vector<std::string>{"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                                                  "model.safetensors.index.json"});
+  CHECK(list_dir(out) == std::vector<std::string>{"model-00001-of-00002.safetensors",
+                                                  "model-00002-of-00002.safetensors", "model.safetensors.index.json"});
   const nlohmann::json oidx = read_json(out + "/model.safetensors.index.json");
   CHECK(oidx.at("weight_map") == nlohmann::json::parse(idx.at("weight_map").dump()));
   // Same values as the single-file merge, tensor by tensor, in the same shards.
@@ -474,13 +478,14 @@ TEST_CASE("fan_in_fan_out: base weights stored transposed", "[peft][merge]") {
   TempDir tmp;
   const PeftAdapter a(dir + "/adapter");
   // Conv1D layout: every adapted weight stored [d_in, d_out].
-  rewrite(dir + "/base_model.safetensors", tmp / "base_t.safetensors", [&](const std::string& n, MatD* m, std::vector<std::int64_t>* shape) {
-    if (a.find(n.substr(0, n.size() - 7)) != nullptr && n.compare(n.size() - 7, 7, ".weight") == 0) {
-      *m = MatD(m->transpose());
-      *shape = {m->rows(), m->cols()};
-    }
-    return true;
-  });
+  rewrite(dir + "/base_model.safetensors", tmp / "base_t.safetensors",
+          [&](const std::string& n, MatD* m, std::vector<std::int64_t>* shape) {
+            if (a.find(n.substr(0, n.size() - 7)) != nullptr && n.compare(n.size() - 7, 7, ".weight") == 0) {
+              *m = MatD(m->transpose());
+              *shape = {m->rows(), m->cols()};
+            }
+            return true;
+          });
   copy_adapter(dir + "/adapter", tmp / "adapter");
   nlohmann::ordered_json cfg = nlohmann::ordered_json::parse(read_bytes(tmp / "adapter/adapter_config.json"));
   cfg["fan_in_fan_out"] = true;
@@ -488,16 +493,18 @@ TEST_CASE("fan_in_fan_out: base weights stored transposed", "[peft][merge]") {
   dora::io::merge_checkpoint(tmp / "base_t.safetensors", tmp / "adapter", tmp / "m.safetensors");
   const SafetensorsReader ours(tmp / "m.safetensors"), peft(dir + "/merged_model.safetensors");
   for (const dora::io::PeftModule& m : a.modules()) {
-    const double err = rel_err(MatD(ours.matrix<double>(m.weight_name()).transpose()), peft.matrix<double>(m.weight_name()));
+    const double err =
+        rel_err(MatD(ours.matrix<double>(m.weight_name()).transpose()), peft.matrix<double>(m.weight_name()));
     INFO(m.path << ": fan_in_fan_out merge (transposed back) vs PEFT = " << err);
     CHECK(err <= 1e-6);
   }
   // The un-transposed base no longer fits.
   TempDir out;
-  expect_merge_error(dir + "/base_model.safetensors", tmp / "adapter", out, {"fan_in_fan_out", "base_model.safetensors"});
+  expect_merge_error(dir + "/base_model.safetensors", tmp / "adapter", out,
+                     {"fan_in_fan_out", "base_model.safetensors"});
 }
 
-TEST_CASE("--dtype converts every tensor, rounding once", "[peft][merge]") {
+TEST_CASE("The dtype option converts every tensor, rounding once", "[peft][merge]") {
   const std::string dir = kData + "/dora_f32";
   TempDir tmp;
   MergeOptions opt;
@@ -505,7 +512,8 @@ TEST_CASE("--dtype converts every tensor, rounding once", "[peft][merge]") {
   dora::io::merge_checkpoint(dir + "/base_model.safetensors", dir + "/adapter", tmp / "bf16.safetensors", opt);
   opt.dtype = Dtype::F64;
   dora::io::merge_checkpoint(dir + "/base_model.safetensors", dir + "/adapter", tmp / "f64.safetensors", opt);
-  const SafetensorsReader b16(tmp / "bf16.safetensors"), f64(tmp / "f64.safetensors"), peft(dir + "/merged_model.safetensors");
+  const SafetensorsReader b16(tmp / "bf16.safetensors"), f64(tmp / "f64.safetensors"),
+      peft(dir + "/merged_model.safetensors");
   for (const TensorInfo& t : b16.tensors()) {
     CHECK(t.dtype == Dtype::BF16);
     CHECK(f64.info(t.name).dtype == Dtype::F64);
@@ -557,10 +565,16 @@ TEST_CASE("hostile safetensors files at the merge level", "[peft][hostile]") {
     }
     const std::string t1 = "\"" + tensor + "\"";
     hostile.push_back({"offsets out of range",
-                       make_file("{" + t1 + ":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]},\"x\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[16,24]}}", 16),
+                       make_file("{" + t1 +
+                                     ":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]},\"x\":{\"dtype\":"
+                                     "\"F32\",\"shape\":[2],\"data_offsets\":[16,24]}}",
+                                 16),
                        {"tensor '", "past the end"}});
     hostile.push_back({"overlapping offsets",
-                       make_file("{" + t1 + ":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]},\"x\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[8,24]}}", 24),
+                       make_file("{" + t1 +
+                                     ":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]},\"x\":{\"dtype\":"
+                                     "\"F32\",\"shape\":[2,2],\"data_offsets\":[8,24]}}",
+                                 24),
                        {"tensor '", "overlaps"}});
     hostile.push_back({"shape x dtype size mismatch",
                        make_file("{" + t1 + ":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,16]}}", 16),
@@ -617,7 +631,8 @@ TEST_CASE("inconsistent adapters are rejected naming the file and tensor", "[pef
     const std::string a = with_tensors(tmp, [&](const std::string& n, MatD*, std::vector<std::int64_t>*) {
       return n != pre + "q_proj.lora_magnitude_vector";
     });
-    expect_merge_error(dir + "/base_model.safetensors", a, out, {wfile, pre + "q_proj.lora_magnitude_vector", "use_dora"});
+    expect_merge_error(dir + "/base_model.safetensors", a, out,
+                       {wfile, pre + "q_proj.lora_magnitude_vector", "use_dora"});
   }
   SECTION("magnitude spelled with .weight is accepted") {
     TempDir tmp, out;
@@ -644,7 +659,8 @@ TEST_CASE("inconsistent adapters are rejected naming the file and tensor", "[pef
       }
       return true;
     });
-    expect_merge_error(dir + "/base_model.safetensors", a, out, {wfile, pre + "v_proj.lora_B.weight", "disagrees with lora_A"});
+    expect_merge_error(dir + "/base_model.safetensors", a, out,
+                       {wfile, pre + "v_proj.lora_B.weight", "disagrees with lora_A"});
   }
   SECTION("rank disagrees with r in the config") {
     TempDir tmp, out;
@@ -666,13 +682,14 @@ TEST_CASE("inconsistent adapters are rejected naming the file and tensor", "[pef
   }
   SECTION("base weight shape does not match") {
     TempDir tmp, out;
-    rewrite(dir + "/base_model.safetensors", tmp / "base.safetensors", [&](const std::string& n, MatD* m, std::vector<std::int64_t>* shape) {
-      if (n == "mlp.fc2.weight") {
-        *m = MatD::Zero(m->rows(), m->cols() - 1);
-        *shape = {m->rows(), m->cols()};
-      }
-      return true;
-    });
+    rewrite(dir + "/base_model.safetensors", tmp / "base.safetensors",
+            [&](const std::string& n, MatD* m, std::vector<std::int64_t>* shape) {
+              if (n == "mlp.fc2.weight") {
+                *m = MatD::Zero(m->rows(), m->cols() - 1);
+                *shape = {m->rows(), m->cols()};
+              }
+              return true;
+            });
     expect_merge_error(tmp / "base.safetensors", dir + "/adapter", out,
                        {tmp / "base.safetensors", "'mlp.fc2.weight'", "32 x 47", "needs 32 x 48"});
   }
@@ -685,7 +702,8 @@ TEST_CASE("inconsistent adapters are rejected naming the file and tensor", "[pef
   SECTION("layer on a wrong-shaped base weight") {
     const PeftAdapter a(dir + "/adapter");
     const MatD W = MatD::Zero(24, 31);
-    CHECK_THROWS_WITH(a.make_dora<double>("q_proj", dora::borrow(W)), Catch::Contains("q_proj") && Catch::Contains("needs 24 x 32"));
+    CHECK_THROWS_WITH(a.make_dora<double>("q_proj", dora::borrow(W)),
+                      Catch::Contains("q_proj") && Catch::Contains("needs 24 x 32"));
     CHECK_THROWS_AS(a.make_lora<double>("q_proj", dora::borrow(W)), dora::io::PeftError);
   }
   SECTION("unsupported or invalid config values") {

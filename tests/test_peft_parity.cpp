@@ -3,14 +3,12 @@
 // tools/make_reference.py). Relative error (max |ours - PEFT| / max |PEFT|) <= 1e-12 in double,
 // <= 1e-5 in float.
 
+#include <catch2/catch.hpp>
+#include <dora/io/safetensors.hpp>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <catch2/catch.hpp>
-#include <nlohmann/json.hpp>
-
-#include <dora/io/safetensors.hpp>
 
 #include "test_support.hpp"
 
@@ -25,7 +23,8 @@ nlohmann::json read_json(const std::string& path) {
 }
 
 template <typename Scalar>
-void check_close(const char* what, const std::string& name, const Mat<Scalar>& ours, const Mat<Scalar>& peft, double tol) {
+void check_close(const char* what, const std::string& name, const Mat<Scalar>& ours, const Mat<Scalar>& peft,
+                 double tol) {
   const double err = rel_err(ours, peft);
   INFO(name << ": " << what << " relative error vs PEFT = " << err << " (tolerance " << tol << ")");
   CHECK(err <= tol);
@@ -57,6 +56,7 @@ void run_case(const std::string& dir, const std::string& name, double tol) {
     check_close("grad_A", name, Mat<Scalar>(layer.grad_lora_A()), mat("grad_A"), tol);
     check_close("grad_B", name, Mat<Scalar>(layer.grad_lora_B()), mat("grad_B"), tol);
     check_close("W_merged", name, layer.merged_weight(), mat("W_merged"), tol);
+    check_close("unmerge(merge)", name, layer.unmerge(layer.merged_weight()), W, 10 * tol);
     return;
   }
 
@@ -74,7 +74,10 @@ void run_case(const std::string& dir, const std::string& name, double tol) {
     check_close(key("grad_A").c_str(), name, Mat<Scalar>(layer.grad_lora_A()), mat(key("grad_A").c_str()), tol);
     check_close(key("grad_B").c_str(), name, Mat<Scalar>(layer.grad_lora_B()), mat(key("grad_B").c_str()), tol);
     check_close(key("grad_m").c_str(), name, Mat<Scalar>(layer.grad_magnitude()), vec(key("grad_m").c_str()), tol);
-    check_close("W_merged", name, layer.merge().weight, mat("W_merged"), tol);
+    const dora::DoraMerge<Scalar> merged = layer.merge();
+    check_close("W_merged", name, merged.weight, mat("W_merged"), tol);
+    // m != n here, so unmerge must divide by the scale cached at merge time.
+    check_close("unmerge(merge)", name, layer.unmerge(merged), W, 10 * tol);
   }
 }
 

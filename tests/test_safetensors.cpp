@@ -1,14 +1,10 @@
 // Tests of dora::io: half conversions (exhaustive), safetensors reading, writing, hostile input.
-#include "dora/io/safetensors.hpp"
-
-#include <catch2/catch.hpp>
-
-#include <Eigen/Core>
-
 #include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <Eigen/Core>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -20,6 +16,8 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "dora/io/safetensors.hpp"
 
 using dora::io::Dtype;
 using dora::io::SafetensorsError;
@@ -125,8 +123,7 @@ void collect_safetensors(const std::string& dir, int depth, std::vector<std::str
     if (::stat(full.c_str(), &st) != 0) continue;
     if (S_ISDIR(st.st_mode) && depth > 0) {
       collect_safetensors(full, depth - 1, out);
-    } else if (S_ISREG(st.st_mode) && n.size() > ext.size() &&
-               n.compare(n.size() - ext.size(), ext.size(), ext) == 0) {
+    } else if (S_ISREG(st.st_mode) && n.size() > ext.size() && n.compare(n.size() - ext.size(), ext.size(), ext) == 0) {
       out->push_back(full);
     }
   }
@@ -226,7 +223,11 @@ TEST_CASE("bf16: all 65536 bit patterns decode and re-encode to the same bits", 
 
 TEST_CASE("f16 encoding rounds to nearest even, overflows to inf, underflows to subnormals", "[safetensors][half]") {
   const double tiny = std::ldexp(1.0, -24);  // smallest subnormal
-  struct Case { double x; std::uint16_t bits; const char* why; };
+  struct Case {
+    double x;
+    std::uint16_t bits;
+    const char* why;
+  };
   const Case cases[] = {
       {1.0, 0x3c00, "one"},
       {-2.0, 0xc000, "minus two"},
@@ -271,7 +272,11 @@ TEST_CASE("f16 encoding rounds to nearest even, overflows to inf, underflows to 
 
 TEST_CASE("bf16 encoding rounds to nearest even, overflows to inf, underflows to subnormals", "[safetensors][half]") {
   const double tiny = std::ldexp(1.0, -133);
-  struct Case { double x; std::uint16_t bits; const char* why; };
+  struct Case {
+    double x;
+    std::uint16_t bits;
+    const char* why;
+  };
   const Case cases[] = {
       {1.0, 0x3f80, "one"},
       {-1.0, 0xbf80, "minus one"},
@@ -486,8 +491,10 @@ TEST_CASE("reference files written by the Python library", "[safetensors][refere
     SafetensorsWriter w2(out);
     w2.set_metadata(r.metadata());
     for (const dora::io::TensorInfo& t : r.tensors()) {
-      if (t.shape.size() == 1) w2.add(t.name, r.vector<double>(t.name), t.dtype);
-      else w2.add(t.name, r.matrix<double>(t.name), t.dtype);
+      if (t.shape.size() == 1)
+        w2.add(t.name, r.vector<double>(t.name), t.dtype);
+      else
+        w2.add(t.name, r.matrix<double>(t.name), t.dtype);
     }
     w2.finish();
     REQUIRE(read_bytes(out) == read_bytes(src));
@@ -510,8 +517,10 @@ TEST_CASE("every safetensors file in the data directories re-writes byte for byt
     for (const dora::io::TensorInfo& t : r.tensors()) w.declare(t.name, t.dtype, t.shape);
     w.begin();
     for (const dora::io::TensorInfo& t : r.tensors()) {
-      if (t.shape.size() <= 2) w.write(t.name, r.matrix<double>(t.name));  // exact for every dtype
-      else w.write(t.name, r.raw(t.name), t.end - t.begin);
+      if (t.shape.size() <= 2)
+        w.write(t.name, r.matrix<double>(t.name));  // exact for every dtype
+      else
+        w.write(t.name, r.raw(t.name), t.end - t.begin);
     }
     w.finish();
     INFO("source: " << src << " (" << r.tensors().size() << " tensors)");
@@ -599,7 +608,11 @@ TEST_CASE("hostile input: framing", "[safetensors][hostile]") {
 }
 
 TEST_CASE("hostile input: tensor entries", "[safetensors][hostile]") {
-  struct Case { std::string header; std::size_t data; std::string want; };
+  struct Case {
+    std::string header;
+    std::size_t data;
+    std::string want;
+  };
   const Case cases[] = {
       {R"({"W":[1,2]})", 0, "tensor 'W': header entry is not a JSON object"},
       {R"({"W":{"shape":[1],"data_offsets":[0,4]}})", 4, "tensor 'W': missing 'dtype'"},
@@ -607,33 +620,46 @@ TEST_CASE("hostile input: tensor entries", "[safetensors][hostile]") {
       {R"({"W":{"dtype":"F32","shape":[1]}})", 4, "tensor 'W': missing 'data_offsets'"},
       {R"({"W":{"dtype":32,"shape":[1],"data_offsets":[0,4]}})", 4, "tensor 'W': 'dtype' is not a string"},
       {R"({"W":{"dtype":"F32","shape":1,"data_offsets":[0,4]}})", 4, "tensor 'W': 'shape' is not an array"},
-      {R"({"W":{"dtype":"F32","shape":[1],"data_offsets":"0,4"}})", 4, "tensor 'W': 'data_offsets' is not an array of two integers"},
-      {R"({"W":{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}})", 4, "'data_offsets' is not an array of two integers"},
+      {R"({"W":{"dtype":"F32","shape":[1],"data_offsets":"0,4"}})", 4,
+       "tensor 'W': 'data_offsets' is not an array of two integers"},
+      {R"({"W":{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}})", 4,
+       "'data_offsets' is not an array of two integers"},
       {R"({"W":{"dtype":"F32","shape":[1],"data_offsets":[0,4.5]}})", 4, "are not non-negative integers"},
       {R"({"W":{"dtype":"F32","shape":[1],"data_offsets":[-4,4]}})", 4, "are not non-negative integers"},
       {R"({"W":{"dtype":"I8","shape":[4],"data_offsets":[0,4]}})", 4, "tensor 'W': unsupported dtype 'I8'"},
       {R"({"W":{"dtype":"F8_E4M3","shape":[4],"data_offsets":[0,4]}})", 4, "tensor 'W': unsupported dtype 'F8_E4M3'"},
-      {R"({"W":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4, "tensor 'W': shape entry -1 is not a non-negative integer"},
-      {R"({"W":{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}})", 4, "shape entry 1.5 is not a non-negative integer"},
+      {R"({"W":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4,
+       "tensor 'W': shape entry -1 is not a non-negative integer"},
+      {R"({"W":{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}})", 4,
+       "shape entry 1.5 is not a non-negative integer"},
       {R"({"W":{"dtype":"F32","shape":["2"],"data_offsets":[0,4]}})", 4, "is not a non-negative integer"},
-      {R"({"W":{"dtype":"F32","shape":[18446744073709551615],"data_offsets":[0,4]}})", 4, "is not a non-negative integer"},
-      {R"({"W":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}})", 4, "tensor 'W': shape [4294967296, 4294967296] of F32 overflows"},
+      {R"({"W":{"dtype":"F32","shape":[18446744073709551615],"data_offsets":[0,4]}})", 4,
+       "is not a non-negative integer"},
+      {R"({"W":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}})", 4,
+       "tensor 'W': shape [4294967296, 4294967296] of F32 overflows"},
       {R"({"W":{"dtype":"F64","shape":[2305843009213693952],"data_offsets":[0,4]}})", 4, "overflows the size in bytes"},
-      {R"({"W":{"dtype":"F32","shape":[0],"data_offsets":[4,0]}})", 4, "tensor 'W': data_offsets [4, 0) have begin > end"},
+      {R"({"W":{"dtype":"F32","shape":[0],"data_offsets":[4,0]}})", 4,
+       "tensor 'W': data_offsets [4, 0) have begin > end"},
       {R"({"W":{"dtype":"F64","shape":[4,4],"data_offsets":[0,96]}})", 96,
        "bad.safetensors: tensor 'W': data_offsets [0, 96) hold 96 bytes but shape [4, 4] of F64 needs 128"},
-      {R"({"W":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 4, "tensor 'W': data_offsets [0, 8) run past the end of the 4-byte data buffer"},
-      {R"({"W":{"dtype":"F32","shape":[2],"data_offsets":[18446744073709551608,18446744073709551616]}})", 4, "not non-negative integers"},
-      {R"({"A":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"B":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12,
-       "tensor 'B': data_offsets [4, 12) are not contiguous: overlaps the previous tensor"},
-      {R"({"A":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"B":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})", 12,
-       "tensor 'B': data_offsets [8, 12) are not contiguous: leaves a gap"},
-      {R"({"A":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8, "tensor 'A': data_offsets [4, 8) are not contiguous"},
-      {R"({"A":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 8, "data buffer is not contiguous: it has 8 bytes but the tensors cover 4 (last: tensor 'A')"},
-      {R"({"W":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"W":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 4,
-       "tensor 'W': duplicate tensor name"},
-      {R"({"W":{"dtype":"F32","dtype":"F64","shape":[1],"data_offsets":[0,4]}})", 4, "tensor 'W': duplicate key 'dtype'"},
-      {R"({"__metadata__":{"k":1},"W":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 4, "__metadata__ value for key 'k' is not a string"},
+      {R"({"W":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 4,
+       "tensor 'W': data_offsets [0, 8) run past the end of the 4-byte data buffer"},
+      {R"({"W":{"dtype":"F32","shape":[2],"data_offsets":[18446744073709551608,18446744073709551616]}})", 4,
+       "not non-negative integers"},
+      {R"({"A":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"B":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+       12, "tensor 'B': data_offsets [4, 12) are not contiguous: overlaps the previous tensor"},
+      {R"({"A":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"B":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})",
+       12, "tensor 'B': data_offsets [8, 12) are not contiguous: leaves a gap"},
+      {R"({"A":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8,
+       "tensor 'A': data_offsets [4, 8) are not contiguous"},
+      {R"({"A":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 8,
+       "data buffer is not contiguous: it has 8 bytes but the tensors cover 4 (last: tensor 'A')"},
+      {R"({"W":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"W":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})",
+       4, "tensor 'W': duplicate tensor name"},
+      {R"({"W":{"dtype":"F32","dtype":"F64","shape":[1],"data_offsets":[0,4]}})", 4,
+       "tensor 'W': duplicate key 'dtype'"},
+      {R"({"__metadata__":{"k":1},"W":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 4,
+       "__metadata__ value for key 'k' is not a string"},
       {R"({"__metadata__":["a"]})", 0, "__metadata__ is not a JSON object"},
   };
   for (const Case& c : cases) {
@@ -644,13 +670,15 @@ TEST_CASE("hostile input: tensor entries", "[safetensors][hostile]") {
   }
   // A huge hostile name is shortened in the message.
   const std::string long_name(5000, 'n');
-  const std::string le = error_of(make_file("{\"" + long_name + "\":{\"dtype\":\"I8\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1));
+  const std::string le =
+      error_of(make_file("{\"" + long_name + "\":{\"dtype\":\"I8\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1));
   INFO("message length " << le.size());
   REQUIRE_THAT(le, Catch::Contains("...': unsupported dtype 'I8'"));
   REQUIRE(le.size() < 400);
   // Overlap detection does not depend on header order.
   const std::string e = error_of(make_file(
-      R"({"B":{"dtype":"F32","shape":[2],"data_offsets":[4,12]},"A":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 12));
+      R"({"B":{"dtype":"F32","shape":[2],"data_offsets":[4,12]},"A":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
+      12));
   REQUIRE_THAT(e, Catch::Contains("not contiguous"));
   // Unknown keys in an entry are ignored, as the reference implementation does.
   const std::vector<std::uint8_t> ok = make_file(R"({"W":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":0}})", 4);
@@ -671,7 +699,8 @@ TEST_CASE("hostile input: missing or unreadable file", "[safetensors][hostile]")
 // ---------------------------------------------------------------------------------------------
 // Atomic writes and writer misuse
 
-TEST_CASE("writer without finish leaves no file and no temporary; existing file untouched", "[safetensors][atomic]") {
+TEST_CASE("writer without finish leaves no file and no temporary and an existing file untouched",
+          "[safetensors][atomic]") {
   const std::string dir = make_temp_dir();
   const std::string path = dir + "/out.safetensors";
   Eigen::MatrixXd m = Eigen::MatrixXd::Ones(2, 3);
@@ -739,13 +768,15 @@ TEST_CASE("stream writer checks order, sizes and shapes", "[safetensors][stream]
   s.declare("r", Dtype::F32, {2});
   REQUIRE_THROWS_WITH(s.declare("a", Dtype::F32, {1}), Catch::Contains("tensor 'a': declared twice"));
   REQUIRE_THROWS_WITH(s.declare("__metadata__", Dtype::F32, {1}), Catch::Contains("reserved"));
-  REQUIRE_THROWS_WITH(s.declare("neg", Dtype::F32, {-1}), Catch::Contains("tensor 'neg'") && Catch::Contains("negative"));
+  REQUIRE_THROWS_WITH(s.declare("neg", Dtype::F32, {-1}),
+                      Catch::Contains("tensor 'neg'") && Catch::Contains("negative"));
   REQUIRE_THROWS_WITH(s.write("a", a), Catch::Contains("must come after begin()"));
   s.begin();
   REQUIRE_THROWS_WITH(s.declare("late", Dtype::F32, {1}), Catch::Contains("before begin()"));
   REQUIRE_THROWS_WITH(s.write("v", v), Catch::Contains("tensor 'v': written out of order: next declared is 'a'"));
   REQUIRE_THROWS_WITH(s.write("zz", v), Catch::Contains("tensor 'zz': written but never declared"));
-  REQUIRE_THROWS_WITH(s.write("a", Eigen::MatrixXf(3, 2)), Catch::Contains("a 3 x 2 matrix does not match the declared shape [2, 3]"));
+  REQUIRE_THROWS_WITH(s.write("a", Eigen::MatrixXf(3, 2)),
+                      Catch::Contains("a 3 x 2 matrix does not match the declared shape [2, 3]"));
   REQUIRE_THROWS_WITH(s.write("a", a.data(), 7), Catch::Contains("got 7 bytes but shape [2, 3] of BF16 needs 12"));
   s.write("a", a);
   s.write("v", v.transpose());  // a row vector for a rank-1 tensor is fine

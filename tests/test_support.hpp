@@ -3,9 +3,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
-
 #include <dora/dora.hpp>
+#include <limits>
 
 namespace dora_test {
 

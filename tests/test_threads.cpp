@@ -2,10 +2,9 @@
 // independent layers sharing one borrowed W. Results must equal the single-thread run bit for bit.
 // Built and run under ThreadSanitizer in CI.
 
+#include <catch2/catch.hpp>
 #include <thread>
 #include <vector>
-
-#include <catch2/catch.hpp>
 
 #include "test_support.hpp"
 
@@ -16,8 +15,12 @@ TEST_CASE("infer() from several threads on one layer equals the single-thread fo
   const Vec<float> b = random_vector<float>(64, 2);
   dora::AdapterConfig c;
   c.rank = 4;
-  dora::DoraLinear<float> dora_layer(dora::borrow(W, b), c, random_matrix<float>(4, 48, 3, 0.3), random_matrix<float>(64, 4, 4, 0.3));
-  dora::LoraLinear<float> lora_layer(dora::borrow(W, b), c, random_matrix<float>(4, 48, 3, 0.3), random_matrix<float>(64, 4, 4, 0.3));
+  dora::DoraLinear<float> dora_layer(dora::borrow(W, b), c, random_matrix<float>(4, 48, 3, 0.3),
+                                     random_matrix<float>(64, 4, 4, 0.3));
+  dora::LoraLinear<float> lora_layer(dora::borrow(W, b), c, random_matrix<float>(4, 48, 3, 0.3),
+                                     random_matrix<float>(64, 4, 4, 0.3));
+  // m != ||V_i||, so that g = m / n is not 1 and infer() must apply it.
+  dora_layer.magnitude().array() *= 1.3f;
   dora_layer.prepare_inference();
   lora_layer.eval();
   constexpr int kThreads = 4;

@@ -8,9 +8,8 @@
 /// after editing W in place). borrow() refuses temporaries at compile time so that a view can
 /// never be made of an object about to die.
 
-#include <type_traits>
-
 #include <Eigen/Core>
+#include <type_traits>
 
 #include "detail/check.hpp"
 
@@ -59,8 +58,8 @@ BaseLayer<Scalar> borrow(const Matrix<Scalar>& weight) {
 /// Borrow W and b; b must have d_out entries.
 template <typename Scalar>
 BaseLayer<Scalar> borrow(const Matrix<Scalar>& weight, const Vector<Scalar>& bias) {
-  DORA_CHECK_ARG(bias.size() == weight.rows(), "bias has ", bias.size(), " entries but W has d_out = ",
-                 weight.rows(), " rows (W is ", weight.rows(), " x ", weight.cols(), ")");
+  DORA_CHECK_ARG(bias.size() == weight.rows(), "bias has ", bias.size(), " entries but W has d_out = ", weight.rows(),
+                 " rows (W is ", weight.rows(), " x ", weight.cols(), ")");
   return BaseLayer<Scalar>(weight.data(), weight.rows(), weight.cols(), weight.cols(), bias.data());
 }
 

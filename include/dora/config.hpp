@@ -2,10 +2,9 @@
 /// \file config.hpp
 /// Adapter configuration: the settings of PEFT's LoraConfig that act on one linear layer.
 
+#include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
-
-#include <Eigen/Core>
 
 #include "detail/check.hpp"
 
@@ -32,12 +31,12 @@ enum class NormGradient {
 
 /// Settings of one adapter. Defaults are PEFT's LoraConfig defaults.
 struct AdapterConfig {
-  Eigen::Index rank = 8;            ///< r (PEFT `r`)
-  double alpha = 8.0;               ///< PEFT `lora_alpha`
-  bool use_rslora = false;          ///< scaling alpha / sqrt(r) instead of alpha / r (PEFT `use_rslora`)
-  double dropout = 0.0;             ///< probability p in [0, 1) (PEFT `lora_dropout`), training mode only
+  Eigen::Index rank = 8;              ///< r (PEFT `r`)
+  double alpha = 8.0;                 ///< PEFT `lora_alpha`
+  bool use_rslora = false;            ///< scaling alpha / sqrt(r) instead of alpha / r (PEFT `use_rslora`)
+  double dropout = 0.0;               ///< probability p in [0, 1) (PEFT `lora_dropout`), training mode only
   Init init = Init::kaiming_uniform;  ///< PEFT `init_lora_weights` (True / "gaussian")
-  std::uint64_t seed = 0;           ///< seeds the initialisation and the dropout masks
+  std::uint64_t seed = 0;             ///< seeds the initialisation and the dropout masks
   NormGradient norm_gradient = NormGradient::detached;  ///< DoRA only
 
   /// s = alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT `scaling[adapter]`).

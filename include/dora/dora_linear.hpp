@@ -49,7 +49,8 @@ class DoraLinear : public detail::Adapter<Scalar> {
   const VectorType& grad_magnitude() const { return grad_m_; }
   Eigen::Ref<VectorType> grad_magnitude() { return grad_m_; }
   void set_magnitude(const Eigen::Ref<const VectorType>& m) {
-    DORA_CHECK_ARG(m.size() == this->d_out(), "magnitude must have d_out = ", this->d_out(), " entries, got ", m.size());
+    DORA_CHECK_ARG(m.size() == this->d_out(), "magnitude must have d_out = ", this->d_out(), " entries, got ",
+                   m.size());
     m_ = m;
   }
   /// m = ||W_i + s B_i A|| with the current A and B.
@@ -102,8 +103,7 @@ class DoraLinear : public detail::Adapter<Scalar> {
     H_.resize(N + stacked_, this->d_out());
     H_.noalias() = this->xd_ * W.transpose();
     if (stacked_ != 0) {
-      rows_recomputed_ =
-          norm_.compute_with(W, w_sq_, this->A_, this->B_, this->scaling_, H_.bottomRows(r), n_);
+      rows_recomputed_ = norm_.compute_with(W, w_sq_, this->A_, this->B_, this->scaling_, H_.bottomRows(r), n_);
       update_scale_from_norm();
     }
     h().noalias() += s * this->u_ * this->B_.transpose();
@@ -118,8 +118,7 @@ class DoraLinear : public detail::Adapter<Scalar> {
       // y = x W^T + s u B^T + (g - 1) hd: the base product of the undropped x is needed too.
       y.noalias() = x * W.transpose();
       y.noalias() += s * this->u_ * this->B_.transpose();
-      for (Index t = 0; t < N; ++t)
-        y.row(t).array() += H_.row(t).array() * (g_.transpose().array() - Scalar(1));
+      for (Index t = 0; t < N; ++t) y.row(t).array() += H_.row(t).array() * (g_.transpose().array() - Scalar(1));
       if (this->base_.has_bias()) y.rowwise() += this->base_.bias.transpose();
     }
     this->saved_ = true;
@@ -213,8 +212,10 @@ class DoraLinear : public detail::Adapter<Scalar> {
     MatrixType W(this->d_out(), this->d_in());
     for (Index i = 0; i < this->d_out(); ++i) {
       const Scalar g = merged.scale[i];
-      if (g != Scalar(0)) W.row(i) = merged.weight.row(i) / g;
-      else W.row(i).setZero();
+      if (g != Scalar(0))
+        W.row(i) = merged.weight.row(i) / g;
+      else
+        W.row(i).setZero();
     }
     W.noalias() -= this->scaling_ * this->B_ * this->A_;
     return W;
@@ -243,9 +244,7 @@ class DoraLinear : public detail::Adapter<Scalar> {
     reset_magnitude();
   }
 
-  bool cache_matches() const {
-    return cache_valid_ && A_seen_ == this->A_ && B_seen_ == this->B_ && m_seen_ == m_;
-  }
+  bool cache_matches() const { return cache_valid_ && A_seen_ == this->A_ && B_seen_ == this->B_ && m_seen_ == m_; }
 
   // g (and the divisor for dm) from the freshly computed n. Evaluation mode reuses them while A,
   // B and m are bitwise unchanged: the comparison costs r (d_in + d_out) + d_out reads, against
@@ -348,7 +347,7 @@ class DoraLinear : public detail::Adapter<Scalar> {
   MatrixType H_, Kb_;  // H: [h; P^T] after forward, [Gg; s (diag(beta) B)^T] in backward
   MatrixType Qt_;      // P^T when the forward did not stack A (allocated only then)
   Eigen::Matrix<Scalar, 1, Eigen::Dynamic> t_;
-  Index stacked_ = 0;      // rows of A stacked under x in the last forward (r, or 0 with a cached norm)
+  Index stacked_ = 0;  // rows of A stacked under x in the last forward (r, or 0 with a cached norm)
   Index rows_recomputed_ = 0;
   // Evaluation-mode cache of n and g: valid for exactly these parameter values.
   bool cache_valid_ = false;

@@ -89,8 +89,9 @@ class LoraLinear : public detail::Adapter<Scalar> {
   }
   /// W = W' - s B A (PEFT unmerge), with the current A and B.
   MatrixType unmerge(const Eigen::Ref<const MatrixType>& merged) const {
-    DORA_CHECK_ARG(merged.rows() == this->d_out() && merged.cols() == this->d_in(), "merged weight must be d_out x d_in = ",
-                   this->d_out(), " x ", this->d_in(), ", got ", merged.rows(), " x ", merged.cols());
+    DORA_CHECK_ARG(merged.rows() == this->d_out() && merged.cols() == this->d_in(),
+                   "merged weight must be d_out x d_in = ", this->d_out(), " x ", this->d_in(), ", got ", merged.rows(),
+                   " x ", merged.cols());
     MatrixType W = merged;
     W.noalias() -= this->scaling_ * this->B_ * this->A_;
     return W;

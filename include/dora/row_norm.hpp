@@ -24,9 +24,8 @@ template <typename DW, typename DA, typename DB>
 Vector<typename DW::Scalar> row_norm_dense(const Eigen::MatrixBase<DW>& W, const Eigen::MatrixBase<DA>& A,
                                            const Eigen::MatrixBase<DB>& B, typename DW::Scalar scaling) {
   using Scalar = typename DW::Scalar;
-  DORA_CHECK_ARG(A.cols() == W.cols() && B.rows() == W.rows() && B.cols() == A.rows(),
-                 "row_norm_dense: W is ", W.rows(), " x ", W.cols(), ", A is ", A.rows(), " x ", A.cols(),
-                 ", B is ", B.rows(), " x ", B.cols());
+  DORA_CHECK_ARG(A.cols() == W.cols() && B.rows() == W.rows() && B.cols() == A.rows(), "row_norm_dense: W is ",
+                 W.rows(), " x ", W.cols(), ", A is ", A.rows(), " x ", A.cols(), ", B is ", B.rows(), " x ", B.cols());
   Matrix<Scalar> V = W;
   V.noalias() += scaling * B * A;
   return V.rowwise().norm();
@@ -48,8 +47,8 @@ class FactoredRowNorm {
   /// Computes P^T = A W^T itself (one d_out x d_in x r product), then the norms. Its r x d_out
   /// buffer is allocated on first use only: a training layer gets P^T from its stacked product.
   template <typename WeightMap>
-  Eigen::Index compute(const WeightMap& W, const Vector<Scalar>& w_sq, const Matrix<Scalar>& A,
-                       const Matrix<Scalar>& B, Scalar s, Vector<Scalar>& n) {
+  Eigen::Index compute(const WeightMap& W, const Vector<Scalar>& w_sq, const Matrix<Scalar>& A, const Matrix<Scalar>& B,
+                       Scalar s, Vector<Scalar>& n) {
     PT_.resize(A.rows(), W.rows());
     PT_.noalias() = A * W.transpose();
     return compute_with(W, w_sq, A, B, s, PT_, n);
@@ -60,7 +59,8 @@ class FactoredRowNorm {
   /// exact gradient. Returns how many rows needed the direct computation.
   template <typename WeightMap, typename PTMatrix>
   Eigen::Index compute_with(const WeightMap& W, const Vector<Scalar>& w_sq, const Matrix<Scalar>& A,
-                            const Matrix<Scalar>& B, Scalar s, const Eigen::MatrixBase<PTMatrix>& PT, Vector<Scalar>& n) {
+                            const Matrix<Scalar>& B, Scalar s, const Eigen::MatrixBase<PTMatrix>& PT,
+                            Vector<Scalar>& n) {
     K_.noalias() = A * A.transpose();
     Eigen::Index direct = 0;
     const Scalar tiny = std::numeric_limits<Scalar>::min() / std::numeric_limits<Scalar>::epsilon();
@@ -103,9 +103,8 @@ class FactoredRowNorm {
 /// Factored row norm of W + s B A (allocates its small workspaces; layers keep theirs).
 template <typename Scalar>
 Vector<Scalar> row_norm(const Matrix<Scalar>& W, const Matrix<Scalar>& A, const Matrix<Scalar>& B, Scalar scaling) {
-  DORA_CHECK_ARG(A.cols() == W.cols() && B.rows() == W.rows() && B.cols() == A.rows(),
-                 "row_norm: W is ", W.rows(), " x ", W.cols(), ", A is ", A.rows(), " x ", A.cols(),
-                 ", B is ", B.rows(), " x ", B.cols());
+  DORA_CHECK_ARG(A.cols() == W.cols() && B.rows() == W.rows() && B.cols() == A.rows(), "row_norm: W is ", W.rows(),
+                 " x ", W.cols(), ", A is ", A.rows(), " x ", A.cols(), ", B is ", B.rows(), " x ", B.cols());
   const Vector<Scalar> w_sq = W.rowwise().squaredNorm();
   detail::FactoredRowNorm<Scalar> work;
   work.resize(W.rows(), W.cols(), A.rows());

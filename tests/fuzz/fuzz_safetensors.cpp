@@ -4,11 +4,11 @@
 //   clang++-14 -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -I include -I /usr/include/eigen3 \
 //       tests/fuzz/fuzz_safetensors.cpp -o fuzz_safetensors
 //   ./fuzz_safetensors -max_total_time=60 tests/fuzz/corpus
-#include "dora/io/safetensors.hpp"
-
 #include <cstddef>
 #include <cstdint>
 #include <vector>
+
+#include "dora/io/safetensors.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   // Copy so ASan sees the exact extent of the buffer (libFuzzer's may be larger).

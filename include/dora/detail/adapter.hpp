@@ -121,8 +121,9 @@ class Adapter {
   }
 
   void check_grad_output(const Eigen::Ref<const MatrixType>& dy, const Eigen::Ref<MatrixType>* dx) const {
-    DORA_CHECK_STATE(saved_, "backward needs a forward first (and one forward per backward: the saved "
-                             "activations are released by backward)");
+    DORA_CHECK_STATE(saved_,
+                     "backward needs a forward first (and one forward per backward: the saved "
+                     "activations are released by backward)");
     DORA_CHECK_ARG(dy.rows() == batch_ && dy.cols() == d_out(), "dy must be N x d_out = ", batch_, " x ", d_out(),
                    " (N from the last forward), got ", dy.rows(), " x ", dy.cols());
     if (dx != nullptr) {

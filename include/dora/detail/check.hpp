@@ -23,21 +23,19 @@ std::string concat(Parts&&... parts) {
 [[noreturn]] inline void throw_invalid_argument(const std::string& message) {
   throw std::invalid_argument("dora: " + message);
 }
-[[noreturn]] inline void throw_logic_error(const std::string& message) {
-  throw std::logic_error("dora: " + message);
-}
+[[noreturn]] inline void throw_logic_error(const std::string& message) { throw std::logic_error("dora: " + message); }
 
 }  // namespace dora::detail
 
 /// Throws std::invalid_argument("dora: " + message parts) unless cond holds.
-#define DORA_CHECK_ARG(cond, ...)                                            \
-  do {                                                                       \
+#define DORA_CHECK_ARG(cond, ...)                                                             \
+  do {                                                                                        \
     if (!(cond)) ::dora::detail::throw_invalid_argument(::dora::detail::concat(__VA_ARGS__)); \
   } while (false)
 
 /// Throws std::logic_error (a call made in the wrong state) unless cond holds.
-#define DORA_CHECK_STATE(cond, ...)                                          \
-  do {                                                                       \
+#define DORA_CHECK_STATE(cond, ...)                                                      \
+  do {                                                                                   \
     if (!(cond)) ::dora::detail::throw_logic_error(::dora::detail::concat(__VA_ARGS__)); \
   } while (false)
 

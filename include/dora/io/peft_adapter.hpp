@@ -22,14 +22,12 @@
 // the file and, where one is involved, the tensor or config key. Nothing is written on failure.
 #pragma once
 
-#include <Eigen/Core>
-#include <nlohmann/json.hpp>
-
 #include <dirent.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <Eigen/Core>
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
@@ -41,6 +39,7 @@
 #include <iomanip>
 #include <limits>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <ostream>
 #include <regex>
@@ -184,7 +183,8 @@ struct PeftConfig {
       try {
         return std::regex_match(path, std::regex(target_modules_regex, std::regex::ECMAScript));
       } catch (const std::regex_error& e) {
-        detail::peft_fail(file, "target_modules '" + target_modules_regex + "' is not a regular expression: " + e.what());
+        detail::peft_fail(file,
+                          "target_modules '" + target_modules_regex + "' is not a regular expression: " + e.what());
       }
     }
     for (const std::string& t : target_modules)
@@ -239,7 +239,8 @@ struct PeftConfig {
     get_bool("fan_in_fan_out", &c.fan_in_fan_out);
     if (present("lora_dropout")) {
       c.lora_dropout = get_finite("lora_dropout", j.at("lora_dropout"));
-      if (c.lora_dropout < 0.0 || c.lora_dropout >= 1.0) bad("lora_dropout", "must lie in [0, 1), got " + j.at("lora_dropout").dump());
+      if (c.lora_dropout < 0.0 || c.lora_dropout >= 1.0)
+        bad("lora_dropout", "must lie in [0, 1), got " + j.at("lora_dropout").dump());
     }
     for (const char* key : {"rank_pattern", "alpha_pattern"}) {
       if (!present(key)) continue;
@@ -247,8 +248,10 @@ struct PeftConfig {
       if (!p.is_object()) bad(key, "must be an object from module pattern to value, got " + p.dump());
       for (auto it = p.begin(); it != p.end(); ++it) {
         const std::string sub = std::string(key) + "[\"" + it.key() + "\"]";
-        if (std::string(key) == "rank_pattern") c.rank_pattern.emplace_back(it.key(), get_positive_int(sub, it.value()));
-        else c.alpha_pattern.emplace_back(it.key(), get_finite(sub, it.value()));
+        if (std::string(key) == "rank_pattern")
+          c.rank_pattern.emplace_back(it.key(), get_positive_int(sub, it.value()));
+        else
+          c.alpha_pattern.emplace_back(it.key(), get_finite(sub, it.value()));
         detail::pattern_key_matches(file, it.key(), "");  // rejects a pattern std::regex cannot compile, now
       }
     }
@@ -301,15 +304,18 @@ struct PeftConfig {
     nlohmann::ordered_json j;
     j["alpha_pattern"] = nlohmann::ordered_json::object();
     for (const auto& kv : alpha_pattern) j["alpha_pattern"][kv.first] = kv.second;
-    j["base_model_name_or_path"] = base_model_name_or_path.empty() ? nlohmann::ordered_json() : nlohmann::ordered_json(base_model_name_or_path);
+    j["base_model_name_or_path"] =
+        base_model_name_or_path.empty() ? nlohmann::ordered_json() : nlohmann::ordered_json(base_model_name_or_path);
     j["bias"] = "none";
     j["fan_in_fan_out"] = fan_in_fan_out;
     j["inference_mode"] = true;
     j["init_lora_weights"] = true;
     j["layers_pattern"] = nullptr;
     j["layers_to_transform"] = nullptr;
-    if (lora_alpha == std::floor(lora_alpha) && std::abs(lora_alpha) < 1e15) j["lora_alpha"] = static_cast<std::int64_t>(lora_alpha);
-    else j["lora_alpha"] = lora_alpha;
+    if (lora_alpha == std::floor(lora_alpha) && std::abs(lora_alpha) < 1e15)
+      j["lora_alpha"] = static_cast<std::int64_t>(lora_alpha);
+    else
+      j["lora_alpha"] = lora_alpha;
     j["lora_dropout"] = lora_dropout;
     j["modules_to_save"] = nullptr;
     j["peft_type"] = "LORA";
@@ -317,8 +323,10 @@ struct PeftConfig {
     j["rank_pattern"] = nlohmann::ordered_json::object();
     for (const auto& kv : rank_pattern) j["rank_pattern"][kv.first] = kv.second;
     j["revision"] = nullptr;
-    if (target_modules_is_regex) j["target_modules"] = target_modules_regex;
-    else j["target_modules"] = target_modules;
+    if (target_modules_is_regex)
+      j["target_modules"] = target_modules_regex;
+    else
+      j["target_modules"] = target_modules;
     j["task_type"] = nullptr;
     j["use_dora"] = use_dora;
     j["use_rslora"] = use_rslora;
@@ -406,13 +414,13 @@ class PeftAdapter {
                         const std::string& base_file, const std::string& base_tensor) const {
     const std::int64_t er = stored_transposed ? m.d_in : m.d_out, ec = stored_transposed ? m.d_out : m.d_in;
     if (rows != er || cols != ec)
-      detail::peft_fail_tensor(base_file, base_tensor,
-                               "base weight is " + std::to_string(rows) + " x " + std::to_string(cols) + " but the adapter " +
-                                   weights_file_ + " needs " + std::to_string(er) + " x " + std::to_string(ec) +
-                                   (stored_transposed ? " (fan_in_fan_out: [d_in, d_out])" : " ([d_out, d_in])") +
-                                   " for module '" + m.path + "' (lora_A '" + m.key_A + "' is " + std::to_string(m.rank) +
-                                   " x " + std::to_string(m.d_in) + ", lora_B '" + m.key_B + "' is " +
-                                   std::to_string(m.d_out) + " x " + std::to_string(m.rank) + ")");
+      detail::peft_fail_tensor(
+          base_file, base_tensor,
+          "base weight is " + std::to_string(rows) + " x " + std::to_string(cols) + " but the adapter " +
+              weights_file_ + " needs " + std::to_string(er) + " x " + std::to_string(ec) +
+              (stored_transposed ? " (fan_in_fan_out: [d_in, d_out])" : " ([d_out, d_in])") + " for module '" + m.path +
+              "' (lora_A '" + m.key_A + "' is " + std::to_string(m.rank) + " x " + std::to_string(m.d_in) +
+              ", lora_B '" + m.key_B + "' is " + std::to_string(m.d_out) + " x " + std::to_string(m.rank) + ")");
   }
 
   /// LoRA layer on `base` (d_out x d_in) with the module's A and B. Throws if the module is DoRA.
@@ -473,7 +481,8 @@ class PeftAdapter {
         const std::string path = rest.substr(0, rest.size() - std::strlen(suffix));
         if (path.empty()) detail::peft_fail_tensor(f, n, "empty module path");
         std::string& s = found[path].*slot;
-        if (!s.empty()) detail::peft_fail_tensor(f, n, "module '" + path + "' has a second magnitude tensor '" + s + "'");
+        if (!s.empty())
+          detail::peft_fail_tensor(f, n, "module '" + path + "' has a second magnitude tensor '" + s + "'");
         s = n;
         return true;
       };
@@ -484,42 +493,50 @@ class PeftAdapter {
         detail::peft_fail_tensor(f, n, "LoRA on nn.Embedding is not supported (only linear layers)");
       if (detail::ends_with(rest, ".lora_B.bias"))
         detail::peft_fail_tensor(f, n, "lora_bias (a bias on lora_B) is not supported");
-      detail::peft_fail_tensor(f, n, "not a LoRA/DoRA tensor of a linear layer (lora_A.weight, lora_B.weight, "
-                                     "lora_magnitude_vector); other PEFT methods and saved modules are not supported");
+      detail::peft_fail_tensor(f, n,
+                               "not a LoRA/DoRA tensor of a linear layer (lora_A.weight, lora_B.weight, "
+                               "lora_magnitude_vector); other PEFT methods and saved modules are not supported");
     }
     if (found.empty()) detail::peft_fail(f, "holds no LoRA tensors");
     for (const auto& kv : found) {
       const std::string& path = kv.first;
       const Keys& k = kv.second;
       const std::string expect_A = kPrefix + path + ".lora_A.weight", expect_B = kPrefix + path + ".lora_B.weight";
-      if (k.A.empty()) detail::peft_fail_tensor(f, expect_A, "missing: module '" + path + "' has other adapter tensors but no lora_A");
-      if (k.B.empty()) detail::peft_fail_tensor(f, expect_B, "missing: module '" + path + "' has other adapter tensors but no lora_B");
+      if (k.A.empty())
+        detail::peft_fail_tensor(f, expect_A, "missing: module '" + path + "' has other adapter tensors but no lora_A");
+      if (k.B.empty())
+        detail::peft_fail_tensor(f, expect_B, "missing: module '" + path + "' has other adapter tensors but no lora_B");
       const TensorInfo& a = reader_.info(k.A);
       const TensorInfo& b = reader_.info(k.B);
       if (a.shape.size() != 2)
-        detail::peft_fail_tensor(f, k.A, "has shape " + detail::shape_string(a.shape) +
-                                             ": only linear layers (rank-2 [r, d_in] lora_A) are supported");
+        detail::peft_fail_tensor(f, k.A,
+                                 "has shape " + detail::shape_string(a.shape) +
+                                     ": only linear layers (rank-2 [r, d_in] lora_A) are supported");
       if (b.shape.size() != 2)
-        detail::peft_fail_tensor(f, k.B, "has shape " + detail::shape_string(b.shape) +
-                                             ": only linear layers (rank-2 [d_out, r] lora_B) are supported");
+        detail::peft_fail_tensor(f, k.B,
+                                 "has shape " + detail::shape_string(b.shape) +
+                                     ": only linear layers (rank-2 [d_out, r] lora_B) are supported");
       PeftModule m;
       m.path = path;
       m.rank = static_cast<Eigen::Index>(a.shape[0]);
       m.d_in = static_cast<Eigen::Index>(a.shape[1]);
       m.d_out = static_cast<Eigen::Index>(b.shape[0]);
       if (b.shape[1] != a.shape[0])
-        detail::peft_fail_tensor(f, k.B, "rank " + std::to_string(b.shape[1]) + " (shape " + detail::shape_string(b.shape) +
-                                             ") disagrees with lora_A '" + k.A + "' rank " + std::to_string(a.shape[0]) +
-                                             " (shape " + detail::shape_string(a.shape) + ")");
+        detail::peft_fail_tensor(f, k.B,
+                                 "rank " + std::to_string(b.shape[1]) + " (shape " + detail::shape_string(b.shape) +
+                                     ") disagrees with lora_A '" + k.A + "' rank " + std::to_string(a.shape[0]) +
+                                     " (shape " + detail::shape_string(a.shape) + ")");
       const Eigen::Index cfg_rank = config_.rank_for(path);
       if (m.rank != cfg_rank)
-        detail::peft_fail_tensor(f, k.A, "rank " + std::to_string(m.rank) + " disagrees with " + config_.file + ": r = " +
-                                             std::to_string(cfg_rank) + " for module '" + path + "' (r " +
-                                             std::to_string(config_.r) +
-                                             (config_.rank_pattern.empty() ? std::string() : ", after rank_pattern") + ")");
+        detail::peft_fail_tensor(f, k.A,
+                                 "rank " + std::to_string(m.rank) + " disagrees with " + config_.file +
+                                     ": r = " + std::to_string(cfg_rank) + " for module '" + path + "' (r " +
+                                     std::to_string(config_.r) +
+                                     (config_.rank_pattern.empty() ? std::string() : ", after rank_pattern") + ")");
       if (m.rank < 1 || m.d_in < 1 || m.d_out < 1)
-        detail::peft_fail_tensor(f, k.A, "empty adapter matrices (lora_A " + detail::shape_string(a.shape) + ", lora_B " +
-                                             detail::shape_string(b.shape) + ")");
+        detail::peft_fail_tensor(f, k.A,
+                                 "empty adapter matrices (lora_A " + detail::shape_string(a.shape) + ", lora_B " +
+                                     detail::shape_string(b.shape) + ")");
       m.alpha = config_.alpha_for(path);
       m.use_rslora = config_.use_rslora;
       m.use_dora = config_.use_dora;
@@ -529,13 +546,14 @@ class PeftAdapter {
       m.key_B = k.B;
       if (config_.use_dora) {
         if (k.m.empty())
-          detail::peft_fail_tensor(f, kPrefix + path + ".lora_magnitude_vector",
-                                   "missing: " + config_.file + " has use_dora = true but module '" + path +
-                                       "' has no DoRA magnitude");
+          detail::peft_fail_tensor(
+              f, kPrefix + path + ".lora_magnitude_vector",
+              "missing: " + config_.file + " has use_dora = true but module '" + path + "' has no DoRA magnitude");
         const TensorInfo& mi = reader_.info(k.m);
         if (mi.shape.size() != 1 || mi.shape[0] != m.d_out)
-          detail::peft_fail_tensor(f, k.m, "has shape " + detail::shape_string(mi.shape) + " but module '" + path +
-                                               "' has d_out = " + std::to_string(m.d_out) + " (lora_B '" + k.B + "')");
+          detail::peft_fail_tensor(f, k.m,
+                                   "has shape " + detail::shape_string(mi.shape) + " but module '" + path +
+                                       "' has d_out = " + std::to_string(m.d_out) + " (lora_B '" + k.B + "')");
         m.key_magnitude = k.m;
       } else if (!k.m.empty()) {
         detail::peft_fail_tensor(f, k.m, "DoRA magnitude present but " + config_.file + " has use_dora = false");
@@ -563,9 +581,9 @@ inline void inspect_adapter(const PeftAdapter& adapter, std::ostream& out) {
   for (const auto& kv : c.rank_pattern) out << "  rank_pattern  " << kv.first << " -> " << kv.second << "\n";
   for (const auto& kv : c.alpha_pattern) out << "  alpha_pattern " << kv.first << " -> " << kv.second << "\n";
   for (const PeftModule& m : adapter.modules()) {
-    out << "  " << m.path << "  [" << m.d_out << ", " << m.d_in << "]  rank " << m.rank << "  alpha "
-        << m.alpha << "  scaling " << detail::format_double(m.scaling) << "  " << (m.use_dora ? "DoRA" : "LoRA")
-        << "  " << dtype_name(adapter.tensors().info(m.key_A).dtype) << "\n";
+    out << "  " << m.path << "  [" << m.d_out << ", " << m.d_in << "]  rank " << m.rank << "  alpha " << m.alpha
+        << "  scaling " << detail::format_double(m.scaling) << "  " << (m.use_dora ? "DoRA" : "LoRA") << "  "
+        << dtype_name(adapter.tensors().info(m.key_A).dtype) << "\n";
   }
 }
 
@@ -583,13 +601,13 @@ class PeftAdapterWriter {
   /// `path` is the module's name in the base model (its weight is `<path>.weight`).
   template <typename Scalar>
   void add(const std::string& path, const LoraLinear<Scalar>& layer) {
-    add_entry(path, layer.config(), false, layer.lora_A().template cast<double>(), layer.lora_B().template cast<double>(),
-              Eigen::VectorXd());
+    add_entry(path, layer.config(), false, layer.lora_A().template cast<double>(),
+              layer.lora_B().template cast<double>(), Eigen::VectorXd());
   }
   template <typename Scalar>
   void add(const std::string& path, const DoraLinear<Scalar>& layer) {
-    add_entry(path, layer.config(), true, layer.lora_A().template cast<double>(), layer.lora_B().template cast<double>(),
-              layer.magnitude().template cast<double>());
+    add_entry(path, layer.config(), true, layer.lora_A().template cast<double>(),
+              layer.lora_B().template cast<double>(), layer.magnitude().template cast<double>());
   }
 
   /// The config that write() will store.
@@ -606,10 +624,12 @@ class PeftAdapterWriter {
       ++rank_count[e.config.rank];
       ++alpha_count[e.config.alpha];
     }
-    c.r = std::max_element(rank_count.begin(), rank_count.end(),
-                           [](const auto& a, const auto& b) { return a.second < b.second; })->first;
-    c.lora_alpha = std::max_element(alpha_count.begin(), alpha_count.end(),
-                                    [](const auto& a, const auto& b) { return a.second < b.second; })->first;
+    c.r = std::max_element(rank_count.begin(), rank_count.end(), [](const auto& a, const auto& b) {
+            return a.second < b.second;
+          })->first;
+    c.lora_alpha = std::max_element(alpha_count.begin(), alpha_count.end(), [](const auto& a, const auto& b) {
+                     return a.second < b.second;
+                   })->first;
     for (const Entry& e : entries_) {
       c.target_modules.push_back(e.path);
       if (e.config.rank != c.r) c.rank_pattern.emplace_back(detail::regex_escape(e.path), e.config.rank);
@@ -638,16 +658,22 @@ class PeftAdapterWriter {
     w.set_metadata({{"format", "pt"}});
     for (const auto& n : names) {
       const Entry& e = *n.second;
-      if (detail::ends_with(n.first, ".lora_A.weight")) w.declare(n.first, dtype_, {e.A.rows(), e.A.cols()});
-      else if (detail::ends_with(n.first, ".lora_B.weight")) w.declare(n.first, dtype_, {e.B.rows(), e.B.cols()});
-      else w.declare(n.first, dtype_, {e.m.size()});
+      if (detail::ends_with(n.first, ".lora_A.weight"))
+        w.declare(n.first, dtype_, {e.A.rows(), e.A.cols()});
+      else if (detail::ends_with(n.first, ".lora_B.weight"))
+        w.declare(n.first, dtype_, {e.B.rows(), e.B.cols()});
+      else
+        w.declare(n.first, dtype_, {e.m.size()});
     }
     w.begin();
     for (const auto& n : names) {
       const Entry& e = *n.second;
-      if (detail::ends_with(n.first, ".lora_A.weight")) w.write(n.first, e.A);
-      else if (detail::ends_with(n.first, ".lora_B.weight")) w.write(n.first, e.B);
-      else w.write(n.first, e.m);
+      if (detail::ends_with(n.first, ".lora_A.weight"))
+        w.write(n.first, e.A);
+      else if (detail::ends_with(n.first, ".lora_B.weight"))
+        w.write(n.first, e.B);
+      else
+        w.write(n.first, e.m);
     }
     w.finish();
     const std::string text = c.to_json().dump(2) + "\n";
@@ -675,9 +701,11 @@ class PeftAdapterWriter {
         detail::peft_fail(who, "module '" + path + "' is " + (dora ? "DoRA" : "LoRA") + " but '" + e.path + "' is " +
                                    (e.dora ? "DoRA" : "LoRA") + ": PEFT's use_dora is one setting per adapter");
       if (e.config.use_rslora != config.use_rslora)
-        detail::peft_fail(who, "module '" + path + "' and '" + e.path + "' disagree on use_rslora (one setting per adapter in PEFT)");
+        detail::peft_fail(
+            who, "module '" + path + "' and '" + e.path + "' disagree on use_rslora (one setting per adapter in PEFT)");
       if (e.config.dropout != config.dropout)
-        detail::peft_fail(who, "module '" + path + "' and '" + e.path + "' disagree on dropout (one setting per adapter in PEFT)");
+        detail::peft_fail(
+            who, "module '" + path + "' and '" + e.path + "' disagree on dropout (one setting per adapter in PEFT)");
     }
     entries_.push_back(Entry{path, config, dora, std::move(A), std::move(B), std::move(m)});
   }
@@ -720,8 +748,8 @@ struct BaseTensor {
 /// Computes the merged tensor of module `m` from the stored base weight (rows x cols in the
 /// stored layout) into `out` (encoded as out_dtype). Works on blocks of stored rows in double so
 /// that memory stays at one output tensor plus a few MB.
-inline double merge_tensor(const PeftModule& m, const PeftModuleWeights<double>& w, const std::uint8_t* src, Dtype src_dtype,
-                           bool transposed, std::uint8_t* out, Dtype out_dtype) {
+inline double merge_tensor(const PeftModule& m, const PeftModuleWeights<double>& w, const std::uint8_t* src,
+                           Dtype src_dtype, bool transposed, std::uint8_t* out, Dtype out_dtype) {
   const Eigen::Index rows = transposed ? m.d_in : m.d_out;
   const Eigen::Index cols = transposed ? m.d_out : m.d_in;
   const std::size_t ies = dtype_size(src_dtype), oes = dtype_size(out_dtype);
@@ -731,10 +759,13 @@ inline double merge_tensor(const PeftModule& m, const PeftModuleWeights<double>&
   const auto compute = [&](Eigen::Index i0, Eigen::Index n) {
     W.resize(n, cols);
     const std::uint8_t* p = src + static_cast<std::size_t>(i0) * static_cast<std::size_t>(cols) * ies;
-    for (Eigen::Index i = 0; i < W.size(); ++i) W.data()[i] = load_as_double(p + static_cast<std::size_t>(i) * ies, src_dtype);
+    for (Eigen::Index i = 0; i < W.size(); ++i)
+      W.data()[i] = load_as_double(p + static_cast<std::size_t>(i) * ies, src_dtype);
     V = W;
-    if (!transposed) V.noalias() += s * w.B.middleRows(i0, n) * w.A;
-    else V.noalias() += s * w.A.middleCols(i0, n).transpose() * w.B.transpose();
+    if (!transposed)
+      V.noalias() += s * w.B.middleRows(i0, n) * w.A;
+    else
+      V.noalias() += s * w.A.middleCols(i0, n).transpose() * w.B.transpose();
   };
   // The DoRA scale of output feature i: m_i / n_i, 0 where n_i = 0 (see the file comment).
   const auto scale_of = [](double mag, double n) { return n == 0.0 ? 0.0 : mag / n; };
@@ -786,7 +817,8 @@ class AtomicDir {
       if (!dir_empty(path_)) peft_fail(path_, "output directory exists and is not empty (refusing to overwrite)");
     }
     std::string tmpl = path_ + ".tmp.XXXXXX";
-    if (::mkdtemp(&tmpl[0]) == nullptr) peft_fail(path_, std::string("cannot create temporary directory: ") + std::strerror(errno));
+    if (::mkdtemp(&tmpl[0]) == nullptr)
+      peft_fail(path_, std::string("cannot create temporary directory: ") + std::strerror(errno));
     tmp_ = tmpl;
     ::chmod(tmp_.c_str(), 0755);
   }
@@ -799,7 +831,8 @@ class AtomicDir {
   void commit() {
     // rename(2) replaces an empty directory; a non-empty one (a race) makes it fail, and the
     // temporary is then removed by the destructor.
-    if (::rename(tmp_.c_str(), path_.c_str()) != 0) peft_fail(path_, std::string("rename of the temporary directory failed: ") + std::strerror(errno));
+    if (::rename(tmp_.c_str(), path_.c_str()) != 0)
+      peft_fail(path_, std::string("rename of the temporary directory failed: ") + std::strerror(errno));
     tmp_.clear();
   }
 
@@ -837,11 +870,11 @@ class AtomicDir {
 /// A base checkpoint: one file, or shards listed by a model.safetensors.index.json.
 struct BaseCheckpoint {
   bool sharded = false;
-  std::string index_file;                 // sharded only
-  nlohmann::ordered_json index_metadata;  // sharded only: the index's "metadata"
+  std::string index_file;                   // sharded only
+  nlohmann::ordered_json index_metadata;    // sharded only: the index's "metadata"
   nlohmann::ordered_json index_weight_map;  // sharded only: kept in its order for the output index
-  std::vector<std::string> shard_names;   // file names (relative to the index's directory), in first-seen order
-  std::vector<SafetensorsReader> readers; // one per shard
+  std::vector<std::string> shard_names;     // file names (relative to the index's directory), in first-seen order
+  std::vector<SafetensorsReader> readers;   // one per shard
   std::map<std::string, BaseTensor> tensors;
   std::map<std::string, std::string> tensor_file;  // tensor -> file path, for messages
 
@@ -866,7 +899,8 @@ struct BaseCheckpoint {
         if (!it.value().is_string()) peft_fail(path, "weight_map entry '" + it.key() + "' is not a file name");
         const std::string shard = it.value().get<std::string>();
         if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..")
-          peft_fail(path, "weight_map entry '" + it.key() + "' names '" + shard + "': shards must be plain file names beside the index");
+          peft_fail(path, "weight_map entry '" + it.key() + "' names '" + shard +
+                              "': shards must be plain file names beside the index");
         weight_map[it.key()] = shard;
         if (std::find(shard_names.begin(), shard_names.end(), shard) == shard_names.end()) shard_names.push_back(shard);
       }
@@ -877,8 +911,9 @@ struct BaseCheckpoint {
           const auto wm = weight_map.find(t.name);
           if (wm == weight_map.end() || wm->second != shard_names[k])
             peft_fail_tensor(readers[k].path(), t.name,
-                             wm == weight_map.end() ? "is in the shard but not in the index's weight_map (" + path + ")"
-                                                    : "is in this shard but the index (" + path + ") maps it to '" + wm->second + "'");
+                             wm == weight_map.end()
+                                 ? "is in the shard but not in the index's weight_map (" + path + ")"
+                                 : "is in this shard but the index (" + path + ") maps it to '" + wm->second + "'");
           add(readers[k], t);
         }
       }
@@ -893,7 +928,8 @@ struct BaseCheckpoint {
 
  private:
   void add(const SafetensorsReader& r, const TensorInfo& t) {
-    if (tensors.count(t.name)) peft_fail_tensor(r.path(), t.name, "appears in two shards ('" + tensor_file[t.name] + "')");
+    if (tensors.count(t.name))
+      peft_fail_tensor(r.path(), t.name, "appears in two shards ('" + tensor_file[t.name] + "')");
     tensors.emplace(t.name, BaseTensor{&r, &t});
     tensor_file.emplace(t.name, r.path());
   }
@@ -925,8 +961,9 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
     const TensorInfo& t = *it->second.info;
     const std::string& file = ckpt.tensor_file.at(wname);
     if (t.shape.size() != 2)
-      detail::peft_fail_tensor(file, wname, "has shape " + detail::shape_string(t.shape) + " but module '" + m.path +
-                                                "' of " + adapter.weights_file() + " is a linear layer (rank-2 weight)");
+      detail::peft_fail_tensor(file, wname,
+                               "has shape " + detail::shape_string(t.shape) + " but module '" + m.path + "' of " +
+                                   adapter.weights_file() + " is a linear layer (rank-2 weight)");
     adapter.check_base_shape(m, t.shape[0], t.shape[1], transposed, file, wname);
     module_of.emplace(wname, &m);
   }
@@ -988,7 +1025,8 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
   std::size_t total = 0;
   for (std::size_t k = 0; k < ckpt.readers.size(); ++k) {
     write_file(ckpt.readers[k], detail::join_path(dir.tmp(), ckpt.shard_names[k]));
-    for (const TensorInfo& t : ckpt.readers[k].tensors()) total += static_cast<std::size_t>(t.numel()) * dtype_size(out_dtype(t));
+    for (const TensorInfo& t : ckpt.readers[k].tensors())
+      total += static_cast<std::size_t>(t.numel()) * dtype_size(out_dtype(t));
   }
   // The index: same metadata (total_size updated to the output's bytes) and the same weight_map.
   nlohmann::ordered_json idx;

@@ -20,14 +20,12 @@
 // Only little-endian hosts are supported (the on-disk byte order is copied as is).
 #pragma once
 
-#include <Eigen/Core>
-#include <nlohmann/json.hpp>
-
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <Eigen/Core>
 #include <algorithm>
 #include <cerrno>
 #include <cstddef>
@@ -38,6 +36,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -57,20 +56,28 @@ enum class Dtype { F16, BF16, F32, F64 };
 
 inline const char* dtype_name(Dtype d) {
   switch (d) {
-    case Dtype::F16: return "F16";
-    case Dtype::BF16: return "BF16";
-    case Dtype::F32: return "F32";
-    case Dtype::F64: return "F64";
+    case Dtype::F16:
+      return "F16";
+    case Dtype::BF16:
+      return "BF16";
+    case Dtype::F32:
+      return "F32";
+    case Dtype::F64:
+      return "F64";
   }
   return "?";
 }
 
 inline std::size_t dtype_size(Dtype d) {
   switch (d) {
-    case Dtype::F16: return 2;
-    case Dtype::BF16: return 2;
-    case Dtype::F32: return 4;
-    case Dtype::F64: return 8;
+    case Dtype::F16:
+      return 2;
+    case Dtype::BF16:
+      return 2;
+    case Dtype::F32:
+      return 4;
+    case Dtype::F64:
+      return 8;
   }
   return 0;
 }
@@ -104,16 +111,13 @@ constexpr std::uint64_t kMaxHeaderSize = 100'000'000;
 [[noreturn]] inline void fail(const std::string& file, const std::string& what) {
   throw SafetensorsError("safetensors: " + file + ": " + what);
 }
-[[noreturn]] inline void fail_tensor(const std::string& file, const std::string& tensor,
-                                     const std::string& what) {
+[[noreturn]] inline void fail_tensor(const std::string& file, const std::string& tensor, const std::string& what) {
   // A hostile header can hold a name of up to 100 MB; keep messages readable.
   const std::string shown = tensor.size() > 256 ? tensor.substr(0, 256) + "..." : tensor;
   throw SafetensorsError("safetensors: " + file + ": tensor '" + shown + "': " + what);
 }
 
-inline bool mul_overflows(std::size_t a, std::size_t b, std::size_t* out) {
-  return __builtin_mul_overflow(a, b, out);
-}
+inline bool mul_overflows(std::size_t a, std::size_t b, std::size_t* out) { return __builtin_mul_overflow(a, b, out); }
 
 inline std::string shape_string(const std::vector<std::int64_t>& shape) {
   std::string s = "[";
@@ -129,10 +133,22 @@ inline std::string range_string(std::size_t b, std::size_t e) {
 }
 
 inline bool parse_dtype(const std::string& s, Dtype* out) {
-  if (s == "F16") { *out = Dtype::F16; return true; }
-  if (s == "BF16") { *out = Dtype::BF16; return true; }
-  if (s == "F32") { *out = Dtype::F32; return true; }
-  if (s == "F64") { *out = Dtype::F64; return true; }
+  if (s == "F16") {
+    *out = Dtype::F16;
+    return true;
+  }
+  if (s == "BF16") {
+    *out = Dtype::BF16;
+    return true;
+  }
+  if (s == "F32") {
+    *out = Dtype::F32;
+    return true;
+  }
+  if (s == "F64") {
+    *out = Dtype::F64;
+    return true;
+  }
   return false;
 }
 
@@ -150,10 +166,26 @@ inline bool tensor_nbytes(const std::vector<std::int64_t>& shape, Dtype dtype, s
 inline double load_as_double(const std::uint8_t* p, Dtype dtype) {
   // memcpy because the data buffer starts at 8 + N, which hostile files need not align.
   switch (dtype) {
-    case Dtype::F16: { std::uint16_t h; std::memcpy(&h, p, 2); return static_cast<double>(f16_to_float(h)); }
-    case Dtype::BF16: { std::uint16_t h; std::memcpy(&h, p, 2); return static_cast<double>(bf16_to_float(h)); }
-    case Dtype::F32: { float f; std::memcpy(&f, p, 4); return static_cast<double>(f); }
-    case Dtype::F64: { double d; std::memcpy(&d, p, 8); return d; }
+    case Dtype::F16: {
+      std::uint16_t h;
+      std::memcpy(&h, p, 2);
+      return static_cast<double>(f16_to_float(h));
+    }
+    case Dtype::BF16: {
+      std::uint16_t h;
+      std::memcpy(&h, p, 2);
+      return static_cast<double>(bf16_to_float(h));
+    }
+    case Dtype::F32: {
+      float f;
+      std::memcpy(&f, p, 4);
+      return static_cast<double>(f);
+    }
+    case Dtype::F64: {
+      double d;
+      std::memcpy(&d, p, 8);
+      return d;
+    }
   }
   return 0.0;
 }
@@ -172,10 +204,26 @@ inline Scalar load(const std::uint8_t* p, Dtype dtype) {
 template <typename Scalar>
 inline void store(std::uint8_t* p, Scalar value, Dtype dtype) {
   switch (dtype) {
-    case Dtype::F16: { const std::uint16_t h = double_to_f16(static_cast<double>(value)); std::memcpy(p, &h, 2); return; }
-    case Dtype::BF16: { const std::uint16_t h = double_to_bf16(static_cast<double>(value)); std::memcpy(p, &h, 2); return; }
-    case Dtype::F32: { const float f = static_cast<float>(value); std::memcpy(p, &f, 4); return; }
-    case Dtype::F64: { const double d = static_cast<double>(value); std::memcpy(p, &d, 8); return; }
+    case Dtype::F16: {
+      const std::uint16_t h = double_to_f16(static_cast<double>(value));
+      std::memcpy(p, &h, 2);
+      return;
+    }
+    case Dtype::BF16: {
+      const std::uint16_t h = double_to_bf16(static_cast<double>(value));
+      std::memcpy(p, &h, 2);
+      return;
+    }
+    case Dtype::F32: {
+      const float f = static_cast<float>(value);
+      std::memcpy(p, &f, 4);
+      return;
+    }
+    case Dtype::F64: {
+      const double d = static_cast<double>(value);
+      std::memcpy(p, &d, 8);
+      return;
+    }
   }
 }
 
@@ -320,36 +368,34 @@ inline TensorInfo parse_entry(const std::string& file, const std::string& name, 
     fail_tensor(file, name, "'data_offsets' " + json_brief(*off) + " are not non-negative integers");
   t.begin = static_cast<std::size_t>(b);
   t.end = static_cast<std::size_t>(en);
-  if (t.begin > t.end)
-    fail_tensor(file, name, "data_offsets " + range_string(t.begin, t.end) + " have begin > end");
+  if (t.begin > t.end) fail_tensor(file, name, "data_offsets " + range_string(t.begin, t.end) + " have begin > end");
 
   std::size_t need;
   if (!tensor_nbytes(t.shape, t.dtype, &need))
-    fail_tensor(file, name, "shape " + shape_string(t.shape) + " of " + dtype_name(t.dtype) +
-                                " overflows the size in bytes");
+    fail_tensor(file, name,
+                "shape " + shape_string(t.shape) + " of " + dtype_name(t.dtype) + " overflows the size in bytes");
   // numel() returns int64: keep the element count representable there too.
   if (need / dtype_size(t.dtype) > static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max()))
     fail_tensor(file, name, "shape " + shape_string(t.shape) + " has too many elements");
   if (t.end - t.begin != need)
-    fail_tensor(file, name, "data_offsets " + range_string(t.begin, t.end) + " hold " +
-                                std::to_string(t.end - t.begin) + " bytes but shape " +
-                                shape_string(t.shape) + " of " + dtype_name(t.dtype) + " needs " +
-                                std::to_string(need));
+    fail_tensor(file, name,
+                "data_offsets " + range_string(t.begin, t.end) + " hold " + std::to_string(t.end - t.begin) +
+                    " bytes but shape " + shape_string(t.shape) + " of " + dtype_name(t.dtype) + " needs " +
+                    std::to_string(need));
   return t;
 }
 
 inline ParsedHeader parse(const std::string& file, const std::uint8_t* bytes, std::size_t size) {
   if (size < 8)
-    fail(file, "file is truncated: " + std::to_string(size) +
-                   " bytes, shorter than the 8-byte header length field");
+    fail(file, "file is truncated: " + std::to_string(size) + " bytes, shorter than the 8-byte header length field");
   std::uint64_t n;
   std::memcpy(&n, bytes, 8);
   if (n > kMaxHeaderSize)
-    fail(file, "header length " + std::to_string(n) + " exceeds the limit of " +
-                   std::to_string(kMaxHeaderSize) + " bytes");
+    fail(file,
+         "header length " + std::to_string(n) + " exceeds the limit of " + std::to_string(kMaxHeaderSize) + " bytes");
   if (n > size - 8)
-    fail(file, "header length " + std::to_string(n) + " runs past the end of the file (" +
-                   std::to_string(size) + " bytes)");
+    fail(file,
+         "header length " + std::to_string(n) + " runs past the end of the file (" + std::to_string(size) + " bytes)");
   const char* hdr = reinterpret_cast<const char*>(bytes + 8);
   if (n == 0 || hdr[0] != '{') fail(file, "header does not start with '{'");
 
@@ -366,8 +412,7 @@ inline ParsedHeader parse(const std::string& file, const std::uint8_t* bytes, st
       if (!m.is_object()) fail(file, "__metadata__ is not a JSON object");
       for (auto mi = m.begin(); mi != m.end(); ++mi) {
         if (!mi.value().is_string())
-          fail(file, "__metadata__ value for key '" + mi.key() + "' is not a string: " +
-                         json_brief(mi.value()));
+          fail(file, "__metadata__ value for key '" + mi.key() + "' is not a string: " + json_brief(mi.value()));
         h.metadata.emplace(mi.key(), mi.value().get<std::string>());
       }
       continue;
@@ -377,9 +422,9 @@ inline ParsedHeader parse(const std::string& file, const std::uint8_t* bytes, st
 
   for (const TensorInfo& t : h.tensors)
     if (t.end > h.data_size)
-      fail_tensor(file, t.name, "data_offsets " + range_string(t.begin, t.end) +
-                                    " run past the end of the " + std::to_string(h.data_size) +
-                                    "-byte data buffer");
+      fail_tensor(file, t.name,
+                  "data_offsets " + range_string(t.begin, t.end) + " run past the end of the " +
+                      std::to_string(h.data_size) + "-byte data buffer");
   std::stable_sort(h.tensors.begin(), h.tensors.end(), [](const TensorInfo& a, const TensorInfo& b) {
     return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
   });
@@ -388,11 +433,10 @@ inline ParsedHeader parse(const std::string& file, const std::uint8_t* bytes, st
   for (const TensorInfo& t : h.tensors) {
     if (t.begin != expected) {
       const std::string after = prev ? " (after tensor '" + prev->name + "')" : std::string();
-      fail_tensor(file, t.name, "data_offsets " + range_string(t.begin, t.end) +
-                                    " are not contiguous: " +
-                                    (t.begin < expected ? "overlaps the previous tensor, "
-                                                        : "leaves a gap, ") +
-                                    "expected begin " + std::to_string(expected) + after);
+      fail_tensor(file, t.name,
+                  "data_offsets " + range_string(t.begin, t.end) + " are not contiguous: " +
+                      (t.begin < expected ? "overlaps the previous tensor, " : "leaves a gap, ") + "expected begin " +
+                      std::to_string(expected) + after);
     }
     expected = t.end;
     prev = &t;
@@ -400,8 +444,7 @@ inline ParsedHeader parse(const std::string& file, const std::uint8_t* bytes, st
   if (expected != h.data_size) {
     const std::string last = prev ? "tensor '" + prev->name + "'" : std::string("no tensor");
     fail(file, "data buffer is not contiguous: it has " + std::to_string(h.data_size) +
-                   " bytes but the tensors cover " + std::to_string(expected) + " (last: " + last +
-                   ")");
+                   " bytes but the tensors cover " + std::to_string(expected) + " (last: " + last + ")");
   }
   return h;
 }
@@ -445,9 +488,10 @@ class SafetensorsReader {
     static_assert(std::is_floating_point<Scalar>::value, "matrix<Scalar>: Scalar must be float or double");
     const TensorInfo& t = info(name);
     if (t.shape.size() > 2)
-      detail::fail_tensor(path_, name, "rank " + std::to_string(t.shape.size()) +
-                                           " not supported (matrix() reads rank 0, 1 or 2; shape " +
-                                           detail::shape_string(t.shape) + ")");
+      detail::fail_tensor(path_, name,
+                          "rank " + std::to_string(t.shape.size()) +
+                              " not supported (matrix() reads rank 0, 1 or 2; shape " + detail::shape_string(t.shape) +
+                              ")");
     const Eigen::Index rows = t.shape.empty() ? 1 : static_cast<Eigen::Index>(t.shape[0]);
     const Eigen::Index cols = t.shape.size() == 2 ? static_cast<Eigen::Index>(t.shape[1]) : 1;
     RowMatrix<Scalar> m(rows, cols);
@@ -461,9 +505,10 @@ class SafetensorsReader {
     static_assert(std::is_floating_point<Scalar>::value, "vector<Scalar>: Scalar must be float or double");
     const TensorInfo& t = info(name);
     if (t.shape.size() != 1)
-      detail::fail_tensor(path_, name, "rank " + std::to_string(t.shape.size()) +
-                                           " not supported by vector(), which needs rank 1 (shape " +
-                                           detail::shape_string(t.shape) + ")");
+      detail::fail_tensor(path_, name,
+                          "rank " + std::to_string(t.shape.size()) +
+                              " not supported by vector(), which needs rank 1 (shape " + detail::shape_string(t.shape) +
+                              ")");
     Eigen::Matrix<Scalar, Eigen::Dynamic, 1> v(static_cast<Eigen::Index>(t.shape[0]));
     convert(t, v.data());
     return v;
@@ -613,14 +658,13 @@ template <typename Derived, typename Sink>
 void encode_rows(const Eigen::MatrixBase<Derived>& m, Dtype dtype, Sink&& sink) {
   using S = typename Derived::Scalar;
   static_assert(std::is_arithmetic<S>::value, "add/write: matrix Scalar must be arithmetic");
-  using Plain = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic,
-                              Derived::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor>;
+  using Plain =
+      Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Derived::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor>;
   // Ref views direct-access inputs (blocks, maps) in place and evaluates expressions once.
   const Eigen::Ref<const Plain, 0, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>> r(m.derived());
   const std::size_t es = dtype_size(dtype);
   const std::size_t row_bytes = static_cast<std::size_t>(r.cols()) * es;
-  const std::size_t rows_per_chunk =
-      row_bytes == 0 ? 1 : std::max<std::size_t>(1, (std::size_t{1} << 20) / row_bytes);
+  const std::size_t rows_per_chunk = row_bytes == 0 ? 1 : std::max<std::size_t>(1, (std::size_t{1} << 20) / row_bytes);
   std::vector<std::uint8_t> buf;
   for (Eigen::Index i0 = 0; i0 < r.rows(); i0 += static_cast<Eigen::Index>(rows_per_chunk)) {
     const Eigen::Index i1 = std::min<Eigen::Index>(r.rows(), i0 + static_cast<Eigen::Index>(rows_per_chunk));
@@ -665,15 +709,14 @@ class SafetensorsStreamWriter {
     if (index_.count(name)) detail::fail_tensor(path_, name, "declared twice");
     std::size_t nbytes;
     if (!detail::tensor_nbytes(shape, dtype, &nbytes))
-      detail::fail_tensor(path_, name, "shape " + detail::shape_string(shape) +
-                                           " has a negative entry or overflows the size in bytes");
+      detail::fail_tensor(
+          path_, name, "shape " + detail::shape_string(shape) + " has a negative entry or overflows the size in bytes");
     TensorInfo t;
     t.name = name;
     t.dtype = dtype;
     t.shape = std::move(shape);
     t.begin = total_;
-    if (__builtin_add_overflow(total_, nbytes, &t.end))
-      detail::fail_tensor(path_, name, "total size overflows");
+    if (__builtin_add_overflow(total_, nbytes, &t.end)) detail::fail_tensor(path_, name, "total size overflows");
     total_ = t.end;
     index_.emplace(name, tensors_.size());
     tensors_.push_back(std::move(t));
@@ -722,10 +765,9 @@ class SafetensorsStreamWriter {
   void write(const std::string& name, const void* bytes, std::size_t nbytes) {
     const TensorInfo& t = next(name);
     if (nbytes != t.end - t.begin)
-      detail::fail_tensor(path_, name, "got " + std::to_string(nbytes) + " bytes but shape " +
-                                           detail::shape_string(t.shape) + " of " +
-                                           dtype_name(t.dtype) + " needs " +
-                                           std::to_string(t.end - t.begin));
+      detail::fail_tensor(path_, name,
+                          "got " + std::to_string(nbytes) + " bytes but shape " + detail::shape_string(t.shape) +
+                              " of " + dtype_name(t.dtype) + " needs " + std::to_string(t.end - t.begin));
     file_.write(bytes, nbytes);
     ++next_;
   }
@@ -736,14 +778,18 @@ class SafetensorsStreamWriter {
   void write(const std::string& name, const Eigen::MatrixBase<Derived>& m) {
     const TensorInfo& t = next(name);
     bool ok;
-    if (t.shape.size() == 2) ok = m.rows() == t.shape[0] && m.cols() == t.shape[1];
-    else if (t.shape.size() == 1) ok = (m.cols() == 1 || m.rows() == 1) && m.size() == t.shape[0];
-    else if (t.shape.empty()) ok = m.size() == 1;
-    else ok = false;
+    if (t.shape.size() == 2)
+      ok = m.rows() == t.shape[0] && m.cols() == t.shape[1];
+    else if (t.shape.size() == 1)
+      ok = (m.cols() == 1 || m.rows() == 1) && m.size() == t.shape[0];
+    else if (t.shape.empty())
+      ok = m.size() == 1;
+    else
+      ok = false;
     if (!ok)
-      detail::fail_tensor(path_, name, "a " + std::to_string(m.rows()) + " x " + std::to_string(m.cols()) +
-                                           " matrix does not match the declared shape " +
-                                           detail::shape_string(t.shape));
+      detail::fail_tensor(path_, name,
+                          "a " + std::to_string(m.rows()) + " x " + std::to_string(m.cols()) +
+                              " matrix does not match the declared shape " + detail::shape_string(t.shape));
     detail::encode_rows(m, t.dtype, [this](const std::uint8_t* p, std::size_t n) { file_.write(p, n); });
     ++next_;
   }
@@ -769,9 +815,10 @@ class SafetensorsStreamWriter {
     require_state(State::Writing, "write('" + name + "') must come after begin() and before finish()");
     if (!index_.count(name)) detail::fail_tensor(path_, name, "written but never declared");
     if (next_ >= tensors_.size() || tensors_[next_].name != name)
-      detail::fail_tensor(path_, name, next_ < tensors_.size()
-                                           ? "written out of order: next declared is '" + tensors_[next_].name + "'"
-                                           : "written twice");
+      detail::fail_tensor(path_, name,
+                          next_ < tensors_.size()
+                              ? "written out of order: next declared is '" + tensors_[next_].name + "'"
+                              : "written twice");
     return tensors_[next_];
   }
 
@@ -808,7 +855,8 @@ class SafetensorsWriter {
     stream_.declare(name, dtype, std::move(shape));
     std::vector<std::uint8_t> bytes;
     bytes.reserve(stream_.declared().back().end - stream_.declared().back().begin);
-    detail::encode_rows(m, dtype, [&bytes](const std::uint8_t* p, std::size_t n) { bytes.insert(bytes.end(), p, p + n); });
+    detail::encode_rows(m, dtype,
+                        [&bytes](const std::uint8_t* p, std::size_t n) { bytes.insert(bytes.end(), p, p + n); });
     data_.push_back(std::move(bytes));
   }
 
@@ -816,9 +864,9 @@ class SafetensorsWriter {
                std::size_t nbytes) {
     std::size_t need;
     if (detail::tensor_nbytes(shape, dtype, &need) && need != nbytes)
-      detail::fail_tensor(stream_.path(), name, "got " + std::to_string(nbytes) + " bytes but shape " +
-                                                    detail::shape_string(shape) + " of " + dtype_name(dtype) +
-                                                    " needs " + std::to_string(need));
+      detail::fail_tensor(stream_.path(), name,
+                          "got " + std::to_string(nbytes) + " bytes but shape " + detail::shape_string(shape) + " of " +
+                              dtype_name(dtype) + " needs " + std::to_string(need));
     stream_.declare(name, dtype, std::move(shape));
     const std::uint8_t* p = static_cast<const std::uint8_t*>(bytes);
     data_.emplace_back(p, p + nbytes);

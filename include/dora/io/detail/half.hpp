@@ -74,7 +74,7 @@ inline float f16_to_float(std::uint16_t h) noexcept {
   const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
   const std::uint32_t exp = (h >> 10) & 0x1fu;
   const std::uint32_t mant = h & 0x3ffu;
-  if (exp == 0x1fu) return bit_cast<float>(sign | 0x7f800000u | (mant << 13));  // inf, NaN (payload kept)
+  if (exp == 0x1fu) return bit_cast<float>(sign | 0x7f800000u | (mant << 13));       // inf, NaN (payload kept)
   if (exp != 0) return bit_cast<float>(sign | ((exp + 112u) << 23) | (mant << 13));  // rebias 15 -> 127
   // Subnormal (or zero): mant * 2^-24 is exact in float.
   const float mag = std::ldexp(static_cast<float>(mant), -24);
