@@ -7,9 +7,8 @@
 // A thin wrapper over dora::io::merge_checkpoint / inspect_adapter (include/dora/io/peft_adapter.hpp),
 // where the merge rule, streaming and atomic output are documented. Exit status: 0 on success,
 // 1 on an error (message on stderr, no output written), 2 on bad usage.
-#include <dora/io/peft_adapter.hpp>
-
 #include <cstring>
+#include <dora/io/peft_adapter.hpp>
 #include <exception>
 #include <iostream>
 #include <optional>
@@ -74,11 +73,16 @@ int main(int argc, char** argv) {
     if (base.empty() || adapter.empty() || out.empty()) return usage_error("--base, --adapter and --out are required");
     dora::io::MergeOptions options;
     if (!dtype.empty()) {
-      if (dtype == "f32" || dtype == "F32" || dtype == "float32") options.dtype = dora::io::Dtype::F32;
-      else if (dtype == "bf16" || dtype == "BF16" || dtype == "bfloat16") options.dtype = dora::io::Dtype::BF16;
-      else if (dtype == "f16" || dtype == "F16" || dtype == "float16") options.dtype = dora::io::Dtype::F16;
-      else if (dtype == "f64" || dtype == "F64" || dtype == "float64") options.dtype = dora::io::Dtype::F64;
-      else return usage_error("--dtype must be f32, bf16, f16 or f64, got '" + dtype + "'");
+      if (dtype == "f32" || dtype == "F32" || dtype == "float32")
+        options.dtype = dora::io::Dtype::F32;
+      else if (dtype == "bf16" || dtype == "BF16" || dtype == "bfloat16")
+        options.dtype = dora::io::Dtype::BF16;
+      else if (dtype == "f16" || dtype == "F16" || dtype == "float16")
+        options.dtype = dora::io::Dtype::F16;
+      else if (dtype == "f64" || dtype == "F64" || dtype == "float64")
+        options.dtype = dora::io::Dtype::F64;
+      else
+        return usage_error("--dtype must be f32, bf16, f16 or f64, got '" + dtype + "'");
     }
     if (!quiet) options.log = &std::cout;
     const dora::io::MergeReport r = dora::io::merge_checkpoint(base, adapter, out, options);

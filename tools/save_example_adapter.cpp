@@ -9,7 +9,6 @@
 // output on x), merged_model.safetensors (dora::io::merge_checkpoint of base + adapter).
 // Deterministic: fixed seeds and the library's own generator.
 #include <dora/io/peft_adapter.hpp>
-
 #include <iostream>
 #include <memory>
 #include <string>
