@@ -103,13 +103,7 @@ void dora_impl(benchmark::State& st, Pass pass, dora::NormGradient mode, bool ev
 void dense_impl(benchmark::State& st, Pass pass) {
   Problem p(st);
   dora_test::DenseDora<S> layer(p.base(), p.A, p.B, static_cast<S>(p.config.scaling()));
-  for (auto _ : st) {
-    layer.forward(p.x, p.y);
-    if (pass == Pass::Step) layer.backward(p.dy, p.dx);
-    benchmark::DoNotOptimize(p.y.data());
-    benchmark::DoNotOptimize(p.dx.data());
-    benchmark::ClobberMemory();
-  }
+  run(st, layer, p, pass);
   finish(st, flops(st, pass, 1, true));
 }
 
