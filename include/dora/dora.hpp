@@ -7,5 +7,6 @@
 #include "dora_linear.hpp"
 #include "init.hpp"
 #include "lora_linear.hpp"
+#include "magnitude.hpp"
 #include "row_norm.hpp"
 #include "version.hpp"

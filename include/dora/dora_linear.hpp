@@ -5,14 +5,14 @@
 /// with PEFT's dropout semantics in training (dropout acts on the adapter branch only):
 ///   y = x W^T + b + (g - 1) (xd W^T) + g (s (xd A^T) B^T)
 ///
-/// Rows with a zero direction. PEFT divides by n_i and returns inf/NaN where V_i = 0. Here a row
-/// whose n_i is exactly zero, or whose scale m_i / n_i overflows (with m_i and n_i finite), is
-/// inactive: its scale g_i is 0, its output is the bias, its merged row is zero, and no gradient
-/// flows through it (dm_i = 0). Non-finite m, W, A, B or x are not hidden: NaN/inf propagate.
+/// Rows with a zero direction (n_i = 0, or m_i / n_i overflowing) are inactive: g_i = 0, output =
+/// bias, merged row = 0, dm_i = 0. The rule is dora::inactive_row in magnitude.hpp, shared with
+/// dora::io's merge. Non-finite m, W, A, B or x are not hidden: NaN/inf propagate.
 
 #include <limits>
 
 #include "detail/adapter.hpp"
+#include "magnitude.hpp"
 #include "row_norm.hpp"
 
 namespace dora {
@@ -196,7 +196,7 @@ class DoraLinear : public detail::Adapter<Scalar> {
     DoraMerge<Scalar> out;
     out.row_norm = compute_row_norm();
     out.scale.resize(this->d_out());
-    for (Index i = 0; i < this->d_out(); ++i) out.scale[i] = scale_of(m_[i], out.row_norm[i]);
+    for (Index i = 0; i < this->d_out(); ++i) out.scale[i] = magnitude_scale(m_[i], out.row_norm[i]);
     out.weight = this->base_.weight;
     out.weight.noalias() += this->scaling_ * this->B_ * this->A_;
     out.weight = out.scale.asDiagonal() * out.weight;
@@ -222,13 +222,6 @@ class DoraLinear : public detail::Adapter<Scalar> {
   }
 
  private:
-  // An inactive row: see the file comment. NaN/inf in m or n is left to propagate.
-  static bool inactive(Scalar m, Scalar n) {
-    return std::isfinite(m) && std::isfinite(n) && (n == Scalar(0) || !std::isfinite(m / n));
-  }
-  // g_i = m_i / n_i, or 0 on an inactive row.
-  static Scalar scale_of(Scalar m, Scalar n) { return inactive(m, n) ? Scalar(0) : m / n; }
-
   void setup() {
     const Index d_out = this->d_out();
     norm_.resize(d_out, this->d_in(), this->rank());
@@ -251,9 +244,9 @@ class DoraLinear : public detail::Adapter<Scalar> {
   // d_out d_in r for recomputing, and cannot go stale whichever way the parameters were changed.
   void update_scale_from_norm() {
     for (Index i = 0; i < this->d_out(); ++i) {
-      g_[i] = scale_of(m_[i], n_[i]);
+      g_[i] = magnitude_scale(m_[i], n_[i]);
       // Dividing by +inf makes dm_i and the exact-mode term vanish on inactive rows.
-      n_div_[i] = inactive(m_[i], n_[i]) ? std::numeric_limits<Scalar>::infinity() : n_[i];
+      n_div_[i] = inactive_row(m_[i], n_[i]) ? std::numeric_limits<Scalar>::infinity() : n_[i];
     }
     // Training changes A, B, m every step: a snapshot would cost r (d_in + d_out) of memory for nothing.
     cache_valid_ = !this->training_;

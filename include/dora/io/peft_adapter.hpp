@@ -14,9 +14,10 @@
 //
 // Merge (dora-merge, merge_checkpoint): W' = W + s B A (LoRA), W' = diag(m / n) (W + s B A) with
 // n = row norms of W + s B A (DoRA), computed in double from the stored values and rounded once to
-// the output dtype. A row with n = 0 merges to zero (the library's policy, see dora_linear.hpp; PEFT
-// would give NaN there). fan_in_fan_out = true (GPT-2 style Conv1D) means the base weight is stored
-// transposed, [d_in, d_out]; the merge reads and writes it in that layout.
+// the output dtype. An inactive row (n = 0, or m / n overflowing) merges to zero: the library's one
+// rule, dora::inactive_row in dora/magnitude.hpp (PEFT would give inf or NaN there).
+// fan_in_fan_out = true (GPT-2 style Conv1D) means the base weight is stored transposed,
+// [d_in, d_out]; the merge reads and writes it in that layout.
 //
 // Every failure throws PeftError (a SafetensorsError, so a std::runtime_error) whose message names
 // the file and, where one is involved, the tensor or config key. Nothing is written on failure.
@@ -767,8 +768,8 @@ inline double merge_tensor(const PeftModule& m, const PeftModuleWeights<double>&
     else
       V.noalias() += s * w.A.middleCols(i0, n).transpose() * w.B.transpose();
   };
-  // The DoRA scale of output feature i: m_i / n_i, 0 where n_i = 0 (see the file comment).
-  const auto scale_of = [](double mag, double n) { return n == 0.0 ? 0.0 : mag / n; };
+  // The DoRA scale of output feature i: the library's one rule (dora/magnitude.hpp).
+  const auto scale_of = [](double mag, double n) { return magnitude_scale(mag, n); };
   Eigen::VectorXd g;
   if (m.use_dora && transposed) {
     // Output features are columns here: accumulate their squared norms over all row blocks first.
