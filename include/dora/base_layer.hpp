@@ -8,10 +8,10 @@
 /// after editing W in place). borrow() refuses temporaries at compile time so that a view can
 /// never be made of an object about to die.
 
-#include <Eigen/Core>
 #include <type_traits>
 
 #include "detail/check.hpp"
+#include "detail/eigen.hpp"
 
 namespace dora {
 

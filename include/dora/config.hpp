@@ -2,11 +2,11 @@
 /// \file config.hpp
 /// Adapter configuration: the settings of PEFT's LoraConfig that act on one linear layer.
 
-#include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
 
 #include "detail/check.hpp"
+#include "detail/eigen.hpp"
 
 namespace dora {
 
