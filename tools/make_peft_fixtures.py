@@ -20,7 +20,7 @@ writes:
 and tests/data/peft/cases.json (the case names).
 
 Usage (needs torch, peft, safetensors; CPU, a few seconds):
-  CUDA_VISIBLE_DEVICES="" python3 tools/make_peft_fixtures.py --out tests/data/peft
+  CUDA_VISIBLE_DEVICES="" python3 tools/make_peft_fixtures.py --out tests/data/peft [--only CASE ...]
 """
 
 import argparse
@@ -52,6 +52,20 @@ CASES = [
     # LoRA bfloat16.
     dict(name="lora_bf16", dtype="bfloat16", use_dora=False, r=4, lora_alpha=8, use_rslora=False,
          rank_pattern={}, alpha_pattern={}, target_modules=["q_proj", "v_proj", "fc1", "fc2"], seed=4),
+]
+
+# Adapters stored in bfloat16 (get_peft_model(..., autocast_adapter_dtype=False) on a bf16 model):
+# PEFT's merge_and_unload then computes in bf16, rounding after every step, where the cases above
+# (adapter weights upcast to float32 by PEFT's default) merge in float32 and round once.
+# Listed in cases_bf16_adapter.json, not cases.json: their merges differ from PEFT's on purpose
+# (tests/test_peft_parity.cpp, docs/peft_interop.md).
+CASES_BF16_ADAPTER = [
+    dict(name="dora_bf16_adapter_bf16", dtype="bfloat16", use_dora=True, r=8, lora_alpha=16, use_rslora=False,
+         rank_pattern={}, alpha_pattern={}, target_modules=["q_proj", "v_proj", "fc1", "fc2"], seed=5,
+         adapter_dtype="bfloat16"),
+    dict(name="lora_bf16_adapter_bf16", dtype="bfloat16", use_dora=False, r=8, lora_alpha=16, use_rslora=False,
+         rank_pattern={}, alpha_pattern={}, target_modules=["q_proj", "v_proj", "fc1", "fc2"], seed=6,
+         adapter_dtype="bfloat16"),
 ]
 
 
@@ -91,7 +105,10 @@ def make_case(out_root, spec):
     config = LoraConfig(r=spec["r"], lora_alpha=spec["lora_alpha"], use_rslora=spec["use_rslora"],
                         use_dora=spec["use_dora"], rank_pattern=spec["rank_pattern"], alpha_pattern=spec["alpha_pattern"],
                         target_modules=spec["target_modules"], lora_dropout=0.0, init_lora_weights=False)
-    pm = get_peft_model(model, config)
+    bf16_adapter = spec.get("adapter_dtype") == "bfloat16"
+    pm = get_peft_model(model, config, autocast_adapter_dtype=not bf16_adapter)
+    if bf16_adapter:
+        assert all(p.dtype == torch.bfloat16 for n, p in pm.named_parameters() if "lora_" in n), "adapter not bf16"
     gen = torch.Generator().manual_seed(1000 + spec["seed"])
     meta = {"case": name, "dtype": spec["dtype"], "peft_version": peft.__version__, "torch_version": torch.__version__,
             "config": {k: spec[k] for k in ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
@@ -150,14 +167,17 @@ def make_case(out_root, spec):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tests/data/peft")
+    ap.add_argument("--only", nargs="*", help="make only these cases (the others stay as they are)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, peft {peft.__version__}")
     os.makedirs(args.out, exist_ok=True)
-    names = [make_case(args.out, spec) for spec in CASES]
-    with open(os.path.join(args.out, "cases.json"), "w") as f:
-        json.dump(names, f, indent=1)
-    print("wrote", ", ".join(names))
+    made = [make_case(args.out, spec) for spec in CASES + CASES_BF16_ADAPTER
+            if not args.only or spec["name"] in args.only]
+    for list_name, specs in (("cases.json", CASES), ("cases_bf16_adapter.json", CASES_BF16_ADAPTER)):
+        with open(os.path.join(args.out, list_name), "w") as f:
+            json.dump([spec["name"] for spec in specs], f, indent=1)
+    print("wrote", ", ".join(made))
 
 
 if __name__ == "__main__":
