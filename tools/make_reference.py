@@ -199,7 +199,7 @@ def make_case(torch, peft, out_dir, spec):
         check_close(torch, "row_norm == ||V||_rows", tensors["row_norm"], nrm.detach(), dtype)
         gA_rel = ((tensors["grad_A_exact"] - tensors["grad_A"]).norm() / tensors["grad_A"].norm()).item()
         print(f"    grad_A exact vs detached: relative difference {gA_rel:.3e} (should be clearly > 0)")
-        # the detached formulas of MATH.md, as a cross-check
+        # the detached formulas of docs/math.md, as a cross-check
         with torch.no_grad():
             g = m / row_norm
             h = x @ W.T + scaling * (x @ A.T) @ B.T
