@@ -6,8 +6,8 @@
 ///   y = x W^T + b + (g - 1) (xd W^T) + g (s (xd A^T) B^T)
 ///
 /// Rows with a zero direction (n_i = 0, or m_i / n_i overflowing) are inactive: g_i = 0, output =
-/// bias, merged row = 0, dm_i = 0. The rule is dora::inactive_row in magnitude.hpp, shared with
-/// dora::io's merge. Non-finite m, W, A, B or x are not hidden: NaN/inf propagate.
+/// bias (plus the undropped base part under dropout), merged row = 0, dm_i = 0. The rule is
+/// dora::inactive_row in magnitude.hpp, shared with dora::io's merge. Non-finite m, W, A, B or x are not hidden: NaN/inf propagate.
 
 #include <limits>
 
@@ -203,7 +203,8 @@ class DoraLinear : public detail::Adapter<Scalar> {
     return out;
   }
   /// W = W' / (m / n) - s B A, with the scale cached at merge time and the current A, B (PEFT unmerge).
-  /// An inactive row (scale 0) had V_i = 0, i.e. W_i = -s B_i A, which is what it returns there.
+  /// An inactive row (scale 0) returns -s B_i A: W_i exactly when n_i was 0 (V_i = 0); when m_i / n_i
+  /// overflowed, V_i was not zero but ||V_i|| < m_i / max(Scalar), the error of that row.
   MatrixType unmerge(const DoraMerge<Scalar>& merged) const {
     DORA_CHECK_ARG(merged.weight.rows() == this->d_out() && merged.weight.cols() == this->d_in() &&
                        merged.scale.size() == this->d_out(),

@@ -7,7 +7,9 @@
 /// Inactive rows. PEFT divides by n_i and returns inf or NaN where the direction V_i = W_i + s B_i A
 /// is zero. Here a row is inactive when m_i and n_i are finite and either n_i == 0 or m_i / n_i
 /// overflows; its scale is 0: its output is the bias, its merged row is zero, and no gradient flows
-/// through it. NaN or inf in m_i or n_i is never hidden: it propagates into g_i.
+/// through its direction or magnitude. (With dropout in training, PEFT's formula with g_i = 0 keeps
+/// the undropped part of the base product, x W_i^T - xd W_i^T: see docs/math.md, section 7.)
+/// NaN or inf in m_i or n_i is never hidden: it propagates into g_i.
 
 #include <cmath>
 
