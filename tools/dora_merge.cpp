@@ -5,88 +5,184 @@
 //   dora-merge --inspect ADAPTER_DIR
 //
 // A thin wrapper over dora::io::merge_checkpoint / inspect_adapter (include/dora/io/peft_adapter.hpp),
-// where the merge rule, streaming and atomic output are documented. Exit status: 0 on success,
-// 1 on an error (message on stderr, no output written), 2 on bad usage.
-#include <cstring>
+// where the merge rule, streaming and atomic output are documented. The command line is parsed by
+// CLI11. Exit status: 0 on success, 1 on an error during the merge or inspection (message on
+// stderr, no output written), 2 on bad usage (unknown argument, missing or bad value, an option
+// given twice, --inspect with a merge option, a missing --base/--adapter/--out).
+#include <CLI/CLI.hpp>
 #include <dora/io/peft_adapter.hpp>
 #include <exception>
 #include <iostream>
+#include <map>
+#include <memory>
 #include <optional>
+#include <sstream>
 #include <string>
+#include <vector>
 
 namespace {
 
-const char* const kUsage =
-    "usage: dora-merge --base BASE --adapter ADAPTER_DIR --out OUT [--dtype f32|bf16|f16|f64] [--quiet]\n"
-    "       dora-merge --inspect ADAPTER_DIR\n"
-    "\n"
+const char* const kSynopsis =
+    "usage: dora-merge --base BASE --adapter ADAPTER_DIR --out OUT [--dtype DTYPE] [--quiet]\n"
+    "       dora-merge --inspect ADAPTER_DIR\n";
+
+const char* const kDescription =
     "Merges every module of a PEFT LoRA/DoRA adapter (adapter_config.json + adapter_model.safetensors)\n"
     "into <module>.weight of the base checkpoint and copies every other tensor unchanged.\n"
-    "  BASE   a .safetensors file (OUT is then a file), or a model.safetensors.index.json of a\n"
-    "         sharded checkpoint (OUT is then a new directory with the same shards and index)\n"
-    "  --dtype  output dtype of every tensor (default: each tensor keeps its own)\n"
-    "DoRA: W' = diag(m / ||W + s B A||_rows) (W + s B A); LoRA: W' = W + s B A; computed in double.\n"
-    "The output is written atomically: on any error nothing is left behind.\n";
+    "DoRA: W' = diag(m / ||W + s B A||_rows) (W + s B A); LoRA: W' = W + s B A; computed in double\n"
+    "and rounded once to the output dtype.\n";
+
+const char* const kFooter =
+    "The output is written atomically: on any error nothing is left behind.\n"
+    "Each option may be given at most once.\n"
+    "Exit status: 0 success, 1 error during the merge or inspection (message on stderr), 2 bad usage.\n";
+
+// The names --dtype accepts.
+const std::map<std::string, dora::io::Dtype>& dtype_names() {
+  static const std::map<std::string, dora::io::Dtype> names{
+      {"f32", dora::io::Dtype::F32},   {"F32", dora::io::Dtype::F32},   {"float32", dora::io::Dtype::F32},
+      {"bf16", dora::io::Dtype::BF16}, {"BF16", dora::io::Dtype::BF16}, {"bfloat16", dora::io::Dtype::BF16},
+      {"f16", dora::io::Dtype::F16},   {"F16", dora::io::Dtype::F16},   {"float16", dora::io::Dtype::F16},
+      {"f64", dora::io::Dtype::F64},   {"F64", dora::io::Dtype::F64},   {"float64", dora::io::Dtype::F64}};
+  return names;
+}
+
+// Word-wraps `text` to lines of at most `width` characters (a longer word gets a line of its own).
+std::string wrap(const std::string& text, std::size_t width) {
+  std::string out, line, word;
+  std::istringstream words(text);
+  while (words >> word) {
+    if (!line.empty() && line.size() + 1 + word.size() > width) {
+      out += line + "\n";
+      line.clear();
+    }
+    line += (line.empty() ? "" : " ") + word;
+  }
+  return out + line;
+}
+
+// CLI11's help with our own synopsis (the two forms of the command) in place of its one-line
+// usage, option descriptions wrapped, and no "Excludes:" lists (--inspect's description says it).
+class HelpFormatter : public CLI::Formatter {
+ public:
+  std::string make_description(const CLI::App* /*app*/) const override { return ""; }
+  std::string make_usage(const CLI::App* /*app*/, std::string /*name*/) const override {
+    return std::string(kSynopsis) + "\n" + kDescription;
+  }
+  std::string make_option_opts(const CLI::Option* opt) const override {
+    return opt->get_type_size() != 0 ? " " + opt->get_type_name() : "";
+  }
+  std::string make_option_desc(const CLI::Option* opt) const override { return wrap(opt->get_description(), 72); }
+};
 
 int usage_error(const std::string& what) {
-  std::cerr << "dora-merge: " << what << "\n\n" << kUsage;
+  std::cerr << "dora-merge: " << what << "\n" << kSynopsis << "Run 'dora-merge --help' for more information.\n";
   return 2;
+}
+
+struct Args {
+  std::string base, adapter, out, inspect;
+  std::optional<dora::io::Dtype> dtype;
+  bool quiet = false;
+};
+
+// Parses the command line into `args`. Returns the exit status when the program is to stop here
+// (0 after --help, 2 on bad usage), nothing when there is work to do.
+std::optional<int> parse(int argc, char** argv, Args& args) {
+  CLI::App app{"", "dora-merge"};
+  app.formatter(std::make_shared<HelpFormatter>());
+  app.get_formatter()->column_width(26);
+  app.footer(kFooter);
+
+  // Paths: CLI11 takes the word after an option as its value even when it looks like an option
+  // (--out --quiet), so such a value is refused as a missing one.
+  const auto path_value = [](const std::string& s) {
+    if (s.empty()) return std::string("must not be empty");
+    if (s[0] == '-')
+      return "needs a value; got '" + s + "', which looks like an option (write a path that starts with '-' as ./" + s +
+             ")";
+    return std::string();
+  };
+  std::string dtype_text;
+  CLI::Option* base = app.add_option("--base", args.base,
+                                     "base checkpoint: a .safetensors file (OUT is then a file), or the "
+                                     "model.safetensors.index.json of a sharded checkpoint (OUT is then a new or "
+                                     "empty directory that receives the same shards and index)")
+                          ->type_name("BASE")
+                          ->check(path_value);
+  CLI::Option* adapter = app.add_option("--adapter", args.adapter,
+                                        "PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+                             ->type_name("ADAPTER_DIR")
+                             ->check(path_value);
+  CLI::Option* out = app.add_option("--out", args.out, "output file, or directory for a sharded BASE")
+                         ->type_name("OUT")
+                         ->check(path_value);
+  CLI::Option* dtype =
+      app.add_option("--dtype", dtype_text,
+                     "convert the floating-point tensors of the output to DTYPE: f32, bf16, f16 or f64 (also "
+                     "F32, float32, ...), rounding to nearest even; default: each tensor keeps its own dtype")
+          ->type_name("DTYPE")
+          ->check([](const std::string& s) {
+            return dtype_names().count(s) != 0 ? std::string()
+                                               : "must be f32, bf16, f16 or f64 (or F32, float32, BF16, bfloat16, "
+                                                 "F16, float16, F64, float64), got '" +
+                                                     s + "'";
+          });
+  CLI::Option* quiet = app.add_flag("--quiet", args.quiet, "print nothing on success (errors still go to stderr)");
+  CLI::Option* inspect =
+      app.add_option("--inspect", args.inspect,
+                     "list the modules of the adapter in ADAPTER_DIR (path, shape, rank, alpha, scaling, DoRA or "
+                     "LoRA, dtype) and exit; takes no other option")
+          ->type_name("ADAPTER_DIR")
+          ->check(path_value);
+  const std::vector<CLI::Option*> merge_options{base, adapter, out, dtype, quiet};
+  for (CLI::Option* o : merge_options) inspect->excludes(o);
+
+  // A repeated option is a usage error. CLI11 would reject it with a message about argument
+  // counts; it takes each occurrence here and the count is checked below, with a message naming
+  // the option. (A later issue gives a repeated --adapter a meaning: several adapters merged in
+  // turn. Until then it is an error rather than "the last one wins", which merged only the last.)
+  std::vector<CLI::Option*> all = merge_options;
+  all.push_back(inspect);
+  for (CLI::Option* o : all) o->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    std::cout << app.help();
+    return 0;
+  } catch (const CLI::ParseError& e) {
+    return usage_error(e.what());
+  }
+
+  for (const CLI::Option* o : all)
+    if (o->count() > 1)
+      return usage_error(o->get_name() + " given " + std::to_string(o->count()) + " times; give it once");
+
+  if (inspect->count() != 0) return std::nullopt;
+  std::string missing;
+  for (const CLI::Option* o : {base, adapter, out})
+    if (o->count() == 0) missing += (missing.empty() ? "" : ", ") + o->get_name();
+  if (!missing.empty()) return usage_error("--base, --adapter and --out are required (missing: " + missing + ")");
+  if (dtype->count() != 0) args.dtype = dtype_names().at(dtype_text);
+  return std::nullopt;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string base, adapter, out, inspect, dtype;
-  bool quiet = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    const auto value = [&](std::string* dst) {
-      if (i + 1 >= argc) return false;
-      *dst = argv[++i];
-      return true;
-    };
-    if (a == "-h" || a == "--help") {
-      std::cout << kUsage;
-      return 0;
-    } else if (a == "--base") {
-      if (!value(&base)) return usage_error("--base needs a value");
-    } else if (a == "--adapter") {
-      if (!value(&adapter)) return usage_error("--adapter needs a value");
-    } else if (a == "--out") {
-      if (!value(&out)) return usage_error("--out needs a value");
-    } else if (a == "--dtype") {
-      if (!value(&dtype)) return usage_error("--dtype needs a value");
-    } else if (a == "--inspect") {
-      if (!value(&inspect)) return usage_error("--inspect needs an adapter directory");
-    } else if (a == "--quiet") {
-      quiet = true;
-    } else {
-      return usage_error("unknown argument '" + a + "'");
-    }
-  }
+  Args args;
+  if (const std::optional<int> status = parse(argc, argv, args)) return *status;
   try {
-    if (!inspect.empty()) {
-      if (!base.empty() || !adapter.empty() || !out.empty()) return usage_error("--inspect takes no other option");
-      dora::io::inspect_adapter(dora::io::PeftAdapter(inspect), std::cout);
+    if (!args.inspect.empty()) {
+      dora::io::inspect_adapter(dora::io::PeftAdapter(args.inspect), std::cout);
       return 0;
     }
-    if (base.empty() || adapter.empty() || out.empty()) return usage_error("--base, --adapter and --out are required");
     dora::io::MergeOptions options;
-    if (!dtype.empty()) {
-      if (dtype == "f32" || dtype == "F32" || dtype == "float32")
-        options.dtype = dora::io::Dtype::F32;
-      else if (dtype == "bf16" || dtype == "BF16" || dtype == "bfloat16")
-        options.dtype = dora::io::Dtype::BF16;
-      else if (dtype == "f16" || dtype == "F16" || dtype == "float16")
-        options.dtype = dora::io::Dtype::F16;
-      else if (dtype == "f64" || dtype == "F64" || dtype == "float64")
-        options.dtype = dora::io::Dtype::F64;
-      else
-        return usage_error("--dtype must be f32, bf16, f16 or f64, got '" + dtype + "'");
-    }
-    if (!quiet) options.log = &std::cout;
-    const dora::io::MergeReport r = dora::io::merge_checkpoint(base, adapter, out, options);
-    if (!quiet) {
+    options.dtype = args.dtype;
+    if (!args.quiet) options.log = &std::cout;
+    const dora::io::MergeReport r = dora::io::merge_checkpoint(args.base, args.adapter, args.out, options);
+    if (!args.quiet) {
       std::cout << "merged " << r.merged.size() << " modules, copied " << r.tensors_copied << " tensors; wrote";
       for (const std::string& f : r.files_written) std::cout << " " << f;
       std::cout << "\n";
