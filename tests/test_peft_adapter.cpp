@@ -9,18 +9,25 @@
 // the two values' positions in the ordered list of bfloat16 numbers (0 = bitwise equal).
 
 #include <dirent.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <catch2/catch.hpp>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <dora/io/peft_adapter.hpp>
 #include <fstream>
+#include <ios>
 #include <iterator>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <ostream>
+#include <streambuf>
 #include <string>
 #include <vector>
 
@@ -166,11 +173,11 @@ void rewrite(const std::string& src, const std::string& dst, Edit edit) {
 // merge_checkpoint must throw an error whose message holds every piece of `needles`, and leave
 // no output (nor any temporary) in the output's directory.
 void expect_merge_error(const std::string& base, const std::string& adapter, const TempDir& outdir,
-                        const std::vector<std::string>& needles) {
+                        const std::vector<std::string>& needles, const MergeOptions& options = {}) {
   const std::string out = outdir / "merged.safetensors";
   std::string msg = "<no error>";
   try {
-    dora::io::merge_checkpoint(base, adapter, out);
+    dora::io::merge_checkpoint(base, adapter, out, options);
   } catch (const std::runtime_error& e) {
     msg = e.what();
   }
@@ -332,10 +339,12 @@ TEST_CASE("layers built from a loaded adapter reproduce PEFT's outputs", "[peft]
 }
 
 TEST_CASE("shared reference adapter (peft_dora_adapter_f32)", "[peft][merge][reference]") {
+  // The project's own copy (tests/data/peft-0.21.0-shared): always present, so missing is a failure.
   const std::string dir = std::string(DORA_SHARED_REFERENCE_DIR) + "/peft_dora_adapter_f32";
-  if (!exists(dir + "/adapter_model.safetensors")) {
-    WARN("shared reference " << dir << " not found: skipping");
-    return;
+  for (const char* f :
+       {"adapter_config.json", "adapter_model.safetensors", "base_model.safetensors", "merged_model.safetensors"}) {
+    INFO("shared reference file " << dir << "/" << f);
+    REQUIRE(exists(dir + "/" + f));
   }
   TempDir tmp;
   dora::io::merge_checkpoint(dir + "/base_model.safetensors", dir, tmp / "m.safetensors");
@@ -580,8 +589,8 @@ TEST_CASE("hostile safetensors files at the merge level", "[peft][hostile]") {
                        make_file("{" + t1 + ":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,16]}}", 16),
                        {"tensor '" + tensor + "'", "needs 24"}});
     hostile.push_back({"unknown dtype",
-                       make_file("{" + t1 + ":{\"dtype\":\"F8_E4M3\",\"shape\":[2,2],\"data_offsets\":[0,4]}}", 4),
-                       {"tensor '" + tensor + "'", "unsupported dtype"}});
+                       make_file("{" + t1 + ":{\"dtype\":\"F8_E4M3X\",\"shape\":[2,2],\"data_offsets\":[0,4]}}", 4),
+                       {"tensor '" + tensor + "'", "unknown dtype 'F8_E4M3X'"}});
     for (const Case& hc : hostile) {
       DYNAMIC_SECTION((target == 0 ? "base: " : "adapter: ") << hc.what) {
         TempDir tmp, out;
@@ -732,5 +741,325 @@ TEST_CASE("inconsistent adapters are rejected naming the file and tensor", "[pef
     REQUIRE(::mkdir((tmp / "empty").c_str(), 0755) == 0);
     expect_merge_error(dir + "/base_model.safetensors", tmp / "empty", out, {"adapter_config.json", "missing"});
     expect_merge_error(tmp / "nobase.safetensors", dir + "/adapter", out, {"nobase.safetensors", "cannot open"});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Every safetensors dtype in a base checkpoint; the inactive-row rule against DoraLinear; sharded
+// output: total_size and failures after the first shard.
+
+namespace {
+
+// The size of a safetensors file's data buffer from its framing alone: file size - 8 - header length.
+std::size_t data_bytes_of_file(const std::string& path) {
+  const std::vector<std::uint8_t> b = read_bytes(path);
+  REQUIRE(b.size() >= 8);
+  std::uint64_t n;
+  std::memcpy(&n, b.data(), 8);
+  REQUIRE(n <= b.size() - 8);
+  return b.size() - 8 - static_cast<std::size_t>(n);
+}
+
+struct RawTensor {
+  std::string name;
+  Dtype dtype;
+  std::vector<std::int64_t> shape;
+  std::vector<std::uint8_t> bytes;
+};
+
+// Tensors of every dtype the merge does not convert, as checkpoints hold them (I64 position ids, a
+// BOOL mask, quantized U8 / I8 / F8 / F4 / F6 data and scales, C64 rotary tables, ...): random
+// bytes from a fixed seed; bits per element written out here, independently of the library.
+std::vector<RawTensor> extra_tensors() {
+  struct Spec {
+    const char* name;
+    Dtype dtype;
+    std::vector<std::int64_t> shape;
+    std::size_t bits;
+  };
+  const std::vector<Spec> specs = {
+      {"embeddings.position_ids", Dtype::I64, {1, 7}, 64},
+      {"attn.causal_mask", Dtype::BOOL, {3, 5}, 8},
+      {"quant.q_u8", Dtype::U8, {4, 6}, 8},
+      {"quant.q_i8", Dtype::I8, {4, 6}, 8},
+      {"quant.f8_e4m3", Dtype::F8_E4M3, {4, 6}, 8},
+      {"quant.f8_e5m2", Dtype::F8_E5M2, {5}, 8},
+      {"quant.f8_e8m0_scales", Dtype::F8_E8M0, {4}, 8},
+      {"quant.f8_e4m3fnuz", Dtype::F8_E4M3FNUZ, {3}, 8},
+      {"quant.f8_e5m2fnuz", Dtype::F8_E5M2FNUZ, {3}, 8},
+      {"quant.f4_packed", Dtype::F4, {4, 6}, 4},
+      {"quant.f6_e2m3", Dtype::F6_E2M3, {8}, 6},
+      {"quant.f6_e3m2", Dtype::F6_E3M2, {4}, 6},
+      {"buffers.i16", Dtype::I16, {3}, 16},
+      {"buffers.u16", Dtype::U16, {3}, 16},
+      {"buffers.i32", Dtype::I32, {2, 2}, 32},
+      {"buffers.u32", Dtype::U32, {2}, 32},
+      {"buffers.u64", Dtype::U64, {2}, 64},
+      {"rope.freqs_cis", Dtype::C64, {3, 2}, 64},
+      {"buffers.step", Dtype::I64, {}, 64},
+  };
+  std::uint32_t state = 12345;
+  std::vector<RawTensor> out;
+  for (const Spec& s : specs) {
+    std::size_t n = 1;
+    for (std::int64_t d : s.shape) n *= static_cast<std::size_t>(d);
+    RawTensor t{s.name, s.dtype, s.shape, std::vector<std::uint8_t>(n * s.bits / 8)};
+    for (std::uint8_t& b : t.bytes) {
+      state = state * 1664525u + 1013904223u;
+      b = static_cast<std::uint8_t>(state >> 24);
+    }
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+// The dora_f32 base with `bf16_weight` stored as BF16 (an adapted BF16 weight beside the F32 ones)
+// and, when `extras` is not null, those tensors interleaved with the base's.
+void write_mixed_base(const std::string& src, const std::string& dst, const std::string& bf16_weight,
+                      const std::vector<RawTensor>* extras) {
+  const SafetensorsReader r(src);
+  SafetensorsWriter w(dst);
+  w.set_metadata(r.metadata());
+  std::size_t k = 0;
+  for (const TensorInfo& t : r.tensors()) {
+    if (t.name == bf16_weight)
+      w.add(t.name, r.matrix<double>(t.name), Dtype::BF16);
+    else
+      w.add_raw(t.name, t.dtype, t.shape, r.raw(t.name), t.nbytes());
+    for (int j = 0; j < 2 && extras != nullptr && k < extras->size(); ++j, ++k)
+      w.add_raw((*extras)[k].name, (*extras)[k].dtype, (*extras)[k].shape, (*extras)[k].bytes.data(),
+                (*extras)[k].bytes.size());
+  }
+  for (; extras != nullptr && k < extras->size(); ++k)
+    w.add_raw((*extras)[k].name, (*extras)[k].dtype, (*extras)[k].shape, (*extras)[k].bytes.data(),
+              (*extras)[k].bytes.size());
+  w.finish();
+}
+
+// Splits a single-file checkpoint into shards (tensor names per shard, in order) with an index
+// at dir/model.safetensors.index.json; returns the index path.
+std::string write_shards(const std::string& src, const std::string& dir,
+                         const std::vector<std::vector<std::string>>& shards) {
+  const SafetensorsReader r(src);
+  nlohmann::ordered_json idx;
+  idx["metadata"]["total_size"] = 0;
+  for (std::size_t k = 0; k < shards.size(); ++k) {
+    const std::string file =
+        "model-0000" + std::to_string(k + 1) + "-of-0000" + std::to_string(shards.size()) + ".safetensors";
+    SafetensorsWriter w(dir + "/" + file);
+    w.set_metadata(r.metadata());
+    for (const std::string& n : shards[k]) {
+      const TensorInfo& t = r.info(n);
+      w.add_raw(n, t.dtype, t.shape, r.raw(n), t.nbytes());
+      idx["weight_map"][n] = file;
+    }
+    w.finish();
+  }
+  write_text(dir + "/model.safetensors.index.json", idx.dump(2));
+  return dir + "/model.safetensors.index.json";
+}
+
+// Every tensor of `a` in `b` with the same dtype, shape and bytes.
+void require_same_tensors(const SafetensorsReader& a, const SafetensorsReader& b) {
+  for (const TensorInfo& t : a.tensors()) {
+    INFO("tensor " << t.name << " of " << a.path() << " vs " << b.path());
+    REQUIRE(b.contains(t.name));
+    const TensorInfo& u = b.info(t.name);
+    REQUIRE(u.dtype == t.dtype);
+    REQUIRE(u.shape == t.shape);
+    REQUIRE(u.nbytes() == t.nbytes());
+    CHECK(std::memcmp(a.raw(t.name), b.raw(t.name), t.nbytes()) == 0);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("merge copies tensors of every dtype byte for byte, with and without --dtype", "[peft][merge][dtypes]") {
+  const std::string dir = kData + "/dora_f32";
+  TempDir tmp;
+  const std::vector<RawTensor> extras = extra_tensors();
+  write_mixed_base(dir + "/base_model.safetensors", tmp / "plain.safetensors", "v_proj.weight", nullptr);
+  write_mixed_base(dir + "/base_model.safetensors", tmp / "mixed.safetensors", "v_proj.weight", &extras);
+  REQUIRE(SafetensorsReader(tmp / "plain.safetensors").info("v_proj.weight").dtype == Dtype::BF16);
+  const std::vector<std::optional<Dtype>> dtypes = {std::nullopt, Dtype::BF16, Dtype::F32, Dtype::F64, Dtype::F16};
+  for (const std::optional<Dtype>& dt : dtypes) {
+    const std::string tag = dt ? dora::io::dtype_name(*dt) : "keep";
+    INFO("--dtype " << tag);
+    MergeOptions opt;
+    opt.dtype = dt;
+    const std::string plain_out = tmp / ("plain_" + tag + ".safetensors"),
+                      mixed_out = tmp / ("mixed_" + tag + ".safetensors");
+    dora::io::merge_checkpoint(tmp / "plain.safetensors", dir + "/adapter", plain_out, opt);
+    const dora::io::MergeReport rep =
+        dora::io::merge_checkpoint(tmp / "mixed.safetensors", dir + "/adapter", mixed_out, opt);
+    CHECK(rep.merged.size() == 4);
+    CHECK(rep.tensors_copied == 5 + extras.size());
+    const SafetensorsReader mixed(mixed_out), plain(plain_out), in(tmp / "mixed.safetensors");
+    REQUIRE(mixed.tensors().size() == in.tensors().size());
+    // The float tensors (merged or converted) are exactly what the merge gives without the extras.
+    require_same_tensors(plain, mixed);
+    // Every extra keeps its dtype, shape and bytes, whatever --dtype says.
+    for (const RawTensor& e : extras) {
+      INFO("extra tensor " << e.name << " (" << dora::io::dtype_name(e.dtype) << ")");
+      const TensorInfo& t = mixed.info(e.name);
+      CHECK(t.dtype == e.dtype);
+      CHECK(t.shape == e.shape);
+      REQUIRE(t.nbytes() == e.bytes.size());
+      CHECK(std::memcmp(mixed.raw(e.name), e.bytes.data(), e.bytes.size()) == 0);
+    }
+    // Float tensors take --dtype (or keep theirs); the adapted BF16 weight is merged in BF16.
+    for (const TensorInfo& t : in.tensors()) {
+      if (!dora::io::dtype_is_convertible(t.dtype)) continue;
+      CHECK(mixed.info(t.name).dtype == (dt ? *dt : t.dtype));
+    }
+    const double err = rel_err(mixed.matrix<double>("v_proj.weight"),
+                               SafetensorsReader(dir + "/merged_model.safetensors").matrix<double>("v_proj.weight"));
+    INFO("v_proj.weight (BF16 base) merged vs PEFT's float32 merge: relative error " << err);
+    CHECK(err <= 1e-2);
+  }
+}
+
+TEST_CASE("sharded merge copies every dtype and counts the real output bytes in total_size",
+          "[peft][merge][sharded][dtypes]") {
+  const std::string dir = kData + "/dora_f32";
+  TempDir tmp;
+  const std::vector<RawTensor> extras = extra_tensors();
+  write_mixed_base(dir + "/base_model.safetensors", tmp / "mixed.safetensors", "v_proj.weight", &extras);
+  std::vector<std::vector<std::string>> shards(2);
+  {
+    const SafetensorsReader in(tmp / "mixed.safetensors");
+    for (std::size_t k = 0; k < in.tensors().size(); ++k)
+      shards[k < in.tensors().size() / 2 ? 0 : 1].push_back(in.tensors()[k].name);
+  }
+  const std::string index = write_shards(tmp / "mixed.safetensors", tmp.path, shards);
+  std::size_t input_total = 0;
+  for (const char* f : {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"})
+    input_total += data_bytes_of_file(tmp / f);
+  for (const std::optional<Dtype>& dt :
+       {std::optional<Dtype>(), std::optional<Dtype>(Dtype::BF16), std::optional<Dtype>(Dtype::F64)}) {
+    const std::string tag = dt ? dora::io::dtype_name(*dt) : "keep";
+    INFO("--dtype " << tag);
+    MergeOptions opt;
+    opt.dtype = dt;
+    const std::string out = tmp / ("out_" + tag), single = tmp / ("single_" + tag + ".safetensors");
+    dora::io::merge_checkpoint(index, dir + "/adapter", out, opt);
+    dora::io::merge_checkpoint(tmp / "mixed.safetensors", dir + "/adapter", single, opt);
+    const SafetensorsReader s(single);
+    std::size_t files_total = 0, tensors_total = 0, n_tensors = 0;
+    for (std::size_t k = 0; k < 2; ++k) {
+      const std::string f = out + "/model-0000" + std::to_string(k + 1) + "-of-00002.safetensors";
+      const SafetensorsReader shard(f);
+      REQUIRE(shard.tensors().size() == shards[k].size());
+      require_same_tensors(shard, s);  // same bytes as the single-file merge, extras included
+      for (const TensorInfo& t : shard.tensors()) tensors_total += t.nbytes();
+      n_tensors += shard.tensors().size();
+      files_total += data_bytes_of_file(f);
+    }
+    CHECK(n_tensors == s.tensors().size());
+    const nlohmann::json oidx = read_json(out + "/model.safetensors.index.json");
+    const std::size_t total_size = oidx.at("metadata").at("total_size").get<std::size_t>();
+    INFO("total_size " << total_size << ", data bytes of the written shards " << files_total << ", input "
+                       << input_total);
+    CHECK(total_size == files_total);
+    CHECK(total_size == tensors_total);
+    if (!dt) CHECK(total_size == input_total);
+  }
+}
+
+TEST_CASE("sharded merge to bf16: total_size is the bf16 output's bytes", "[peft][merge][sharded]") {
+  const std::string dir = kData + "/dora_f32";
+  TempDir tmp;
+  std::vector<std::vector<std::string>> shards(2);
+  const SafetensorsReader base(dir + "/base_model.safetensors");
+  for (const TensorInfo& t : base.tensors()) shards[t.name.rfind("mlp.", 0) == 0 ? 0 : 1].push_back(t.name);
+  const std::string index = write_shards(dir + "/base_model.safetensors", tmp.path, shards);
+  MergeOptions opt;
+  opt.dtype = Dtype::BF16;
+  dora::io::merge_checkpoint(index, dir + "/adapter", tmp / "out", opt);
+  std::size_t files_total = 0;
+  for (const std::string& f : list_dir(tmp / "out")) {
+    if (f == "model.safetensors.index.json") continue;
+    files_total += data_bytes_of_file(tmp / "out" + "/" + f);
+    const SafetensorsReader shard(tmp / "out" + "/" + f);
+    for (const TensorInfo& t : shard.tensors()) CHECK(t.dtype == Dtype::BF16);
+  }
+  const std::size_t total_size =
+      read_json(tmp / "out/model.safetensors.index.json").at("metadata").at("total_size").get<std::size_t>();
+  INFO("total_size " << total_size << ", data bytes of the written shards " << files_total);
+  CHECK(total_size == files_total);
+  CHECK(total_size == 18048 / 2);  // the F32 base holds 18048 bytes of tensors
+}
+
+TEST_CASE("an adapted weight that is not F16/BF16/F32/F64 is refused before anything is written",
+          "[peft][merge][dtypes][hostile]") {
+  const std::string dir = kData + "/dora_f32";
+  for (const Dtype dt : {Dtype::I8, Dtype::F8_E4M3, Dtype::U8, Dtype::I32, Dtype::F8_E5M2, Dtype::C64}) {
+    const std::string dn = dora::io::dtype_name(dt);
+    DYNAMIC_SECTION("q_proj.weight stored as " << dn) {
+      TempDir tmp, out;
+      {
+        const SafetensorsReader r(dir + "/base_model.safetensors");
+        SafetensorsWriter w(tmp / "base.safetensors");
+        for (const TensorInfo& t : r.tensors()) {
+          if (t.name == "q_proj.weight") {
+            const std::vector<std::uint8_t> q(24 * 32 * dora::io::dtype_bits(dt) / 8, 3);
+            w.add_raw(t.name, dt, t.shape, q.data(), q.size());
+          } else {
+            w.add_raw(t.name, t.dtype, t.shape, r.raw(t.name), t.nbytes());
+          }
+        }
+        w.finish();
+      }
+      const std::vector<std::string> needles = {tmp / "base.safetensors", "tensor 'q_proj.weight'", "has dtype " + dn,
+                                                "module 'q_proj'"};
+      expect_merge_error(tmp / "base.safetensors", dir + "/adapter", out, needles);
+      MergeOptions bf16;
+      bf16.dtype = Dtype::BF16;
+      expect_merge_error(tmp / "base.safetensors", dir + "/adapter", out, needles, bf16);
+      // Sharded: refused before the output directory (or its temporary) exists.
+      std::vector<std::vector<std::string>> shards(2);
+      const SafetensorsReader edited(tmp / "base.safetensors");
+      for (const TensorInfo& t : edited.tensors()) shards[t.name.rfind("mlp.", 0) == 0 ? 0 : 1].push_back(t.name);
+      TempDir sh;
+      const std::string index = write_shards(tmp / "base.safetensors", sh.path, shards);
+      const std::vector<std::string> before = list_dir(sh.path);
+      CHECK_THROWS_WITH(dora::io::merge_checkpoint(index, dir + "/adapter", sh / "out"),
+                        Catch::Contains("tensor 'q_proj.weight'") && Catch::Contains("has dtype " + dn) &&
+                            Catch::Contains("module 'q_proj'"));
+      CHECK(list_dir(sh.path) == before);
+    }
+  }
+  SECTION("an output dtype that is not F16/BF16/F32/F64") {
+    for (const Dtype dt : {Dtype::I8, Dtype::F8_E4M3, Dtype::I64, Dtype::BOOL}) {
+      TempDir out;
+      MergeOptions opt;
+      opt.dtype = dt;
+      expect_merge_error(dir + "/base_model.safetensors", dir + "/adapter", out,
+                         {"output dtype " + std::string(dora::io::dtype_name(dt)), "F16, BF16, F32, F64"}, opt);
+    }
+  }
+  SECTION("an adapter tensor that is not F16/BF16/F32/F64") {
+    const std::string key = "base_model.model.v_proj.lora_B.weight";
+    for (const Dtype dt : {Dtype::I8, Dtype::F8_E4M3}) {
+      TempDir tmp, out;
+      copy_adapter(dir + "/adapter", tmp / "adapter");
+      {
+        const SafetensorsReader r(dir + "/adapter/adapter_model.safetensors");
+        SafetensorsWriter w(tmp / "adapter/adapter_model.safetensors");
+        for (const TensorInfo& t : r.tensors()) {
+          if (t.name == key) {
+            const std::vector<std::uint8_t> q(static_cast<std::size_t>(t.numel()), 1);
+            w.add_raw(t.name, dt, t.shape, q.data(), q.size());
+          } else {
+            w.add_raw(t.name, t.dtype, t.shape, r.raw(t.name), t.nbytes());
+          }
+        }
+        w.finish();
+      }
+      expect_merge_error(dir + "/base_model.safetensors", tmp / "adapter", out,
+                         {"adapter/adapter_model.safetensors", "tensor '" + key + "'",
+                          "has dtype " + std::string(dora::io::dtype_name(dt)), "module 'v_proj'"});
+      CHECK_THROWS_WITH(PeftAdapter(tmp / "adapter"), Catch::Contains(key));
+    }
   }
 }

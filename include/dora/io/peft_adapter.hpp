@@ -14,14 +14,27 @@
 //
 // Merge (dora-merge, merge_checkpoint): W' = W + s B A (LoRA), W' = diag(m / n) (W + s B A) with
 // n = row norms of W + s B A (DoRA), computed in double from the stored values and rounded once to
-// the output dtype. An inactive row (n = 0, or m / n overflowing) merges to zero: the library's one
-// rule, dora::inactive_row in dora/magnitude.hpp (PEFT would give inf or NaN there).
-// fan_in_fan_out = true (GPT-2 style Conv1D) means the base weight is stored transposed,
-// [d_in, d_out]; the merge reads and writes it in that layout.
+// the output dtype. An inactive row (n = 0, or m / n overflowing with finite m and n) merges to
+// zero: the library's one rule, dora::inactive_row in dora/magnitude.hpp (PEFT would give inf or
+// NaN there). fan_in_fan_out = true (GPT-2 style Conv1D) means the base weight is stored
+// transposed, [d_in, d_out]; the merge reads and writes it in that layout.
+//
+// Dtypes: adapter tensors (lora_A, lora_B, magnitude) and adapted base weights must be F16, BF16,
+// F32 or F64 (anything else is refused, naming the tensor, its dtype and the module, before any
+// output exists). Every other base tensor, of any safetensors dtype (I64 position ids, BOOL masks,
+// U8 / F8 quantized data, ...), is copied byte for byte; MergeOptions::dtype (--dtype) converts
+// the F16/BF16/F32/F64 tensors only and copies the others unchanged.
 //
 // Every failure throws PeftError (a SafetensorsError, so a std::runtime_error) whose message names
 // the file and, where one is involved, the tensor or config key. Nothing is written on failure.
+//
+// Platform: POSIX (open, mmap, madvise, mkostemp, mkdtemp, rename, opendir) and a little-endian
+// host; see detail/platform.hpp.
 #pragma once
+
+// clang-format off (include sorting would move it): the platform checks precede every system header
+#include "dora/io/detail/platform.hpp"
+// clang-format on
 
 #include <dirent.h>
 #include <sys/mman.h>
@@ -517,6 +530,14 @@ class PeftAdapter {
         detail::peft_fail_tensor(f, k.B,
                                  "has shape " + detail::shape_string(b.shape) +
                                      ": only linear layers (rank-2 [d_out, r] lora_B) are supported");
+      for (const std::string* key : {&k.A, &k.B, &k.m}) {
+        if (key->empty()) continue;
+        const Dtype dt = reader_.info(*key).dtype;
+        if (!dtype_is_convertible(dt))
+          detail::peft_fail_tensor(f, *key,
+                                   std::string("has dtype ") + dtype_name(dt) + ": adapter tensors of module '" + path +
+                                       "' must be F16, BF16, F32 or F64");
+      }
       PeftModule m;
       m.path = path;
       m.rank = static_cast<Eigen::Index>(a.shape[0]);
@@ -718,7 +739,10 @@ class PeftAdapterWriter {
 
 /// Options of merge_checkpoint (the dora-merge tool).
 struct MergeOptions {
-  /// Output dtype of every tensor; default: each tensor keeps its dtype.
+  /// Output dtype of the floating tensors (F16, BF16, F32, F64: adapted weights and the others),
+  /// which are converted to it, rounding to nearest even. Tensors of any other dtype (integer,
+  /// BOOL, F8, F4, C64, ...) are copied unchanged whatever this says. Must itself be F16, BF16,
+  /// F32 or F64. Default: every tensor keeps its dtype.
   std::optional<Dtype> dtype;
   /// One line per merged module is written here when not null.
   std::ostream* log = nullptr;
@@ -801,7 +825,7 @@ inline double merge_tensor(const PeftModule& m, const PeftModuleWeights<double>&
   return max_delta;
 }
 
-/// Converts a tensor's bytes to another dtype (element by element, any rank).
+/// Converts a tensor's bytes between two of F16, BF16, F32, F64 (element by element, any rank).
 inline void convert_bytes(const std::uint8_t* src, Dtype from, std::size_t count, std::uint8_t* dst, Dtype to) {
   const std::size_t ies = dtype_size(from), oes = dtype_size(to);
   for (std::size_t i = 0; i < count; ++i) store(dst + i * oes, load_as_double(src + i * ies, from), to);
@@ -943,9 +967,15 @@ struct BaseCheckpoint {
 /// (then `out` is a directory, created, which receives the same shard names and a new index).
 /// Streams one tensor at a time from memory-mapped input; peak memory is about one output tensor
 /// plus a few MB, whatever the checkpoint's size. Everything is validated before any output is
-/// created; on any failure no output file or directory is left.
+/// created (shapes, dtypes of adapted weights, options.dtype); on any failure, including one while
+/// writing a later shard, no output file or directory is left. A sharded output's index gets
+/// metadata.total_size = the sum of the written tensors' bytes.
 inline MergeReport merge_checkpoint(const std::string& base, const std::string& adapter_dir, const std::string& out,
                                     const MergeOptions& options = {}) {
+  if (options.dtype && !dtype_is_convertible(*options.dtype))
+    detail::peft_fail(out,
+                      std::string("output dtype ") + dtype_name(*options.dtype) +
+                          " is not one of F16, BF16, F32, F64 (MergeOptions::dtype converts floating tensors only)");
   const PeftAdapter adapter(adapter_dir);
   detail::BaseCheckpoint ckpt(base);
   const bool transposed = adapter.config().fan_in_fan_out;
@@ -966,13 +996,23 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
                                "has shape " + detail::shape_string(t.shape) + " but module '" + m.path + "' of " +
                                    adapter.weights_file() + " is a linear layer (rank-2 weight)");
     adapter.check_base_shape(m, t.shape[0], t.shape[1], transposed, file, wname);
+    if (!dtype_is_convertible(t.dtype))
+      detail::peft_fail_tensor(file, wname,
+                               std::string("has dtype ") + dtype_name(t.dtype) + " but module '" + m.path + "' of " +
+                                   adapter.weights_file() +
+                                   " adapts it: only F16, BF16, F32 and F64 weights can be merged (quantized or "
+                                   "integer weights are not dequantized here)");
     module_of.emplace(wname, &m);
   }
 
   MergeReport report;
-  const auto out_dtype = [&](const TensorInfo& t) { return options.dtype ? *options.dtype : t.dtype; };
-  // Writes one shard (or the single file) at `path` from `reader`, tensor by tensor.
-  const auto write_file = [&](const SafetensorsReader& reader, const std::string& path) {
+  // --dtype converts floating tensors only; everything else keeps its dtype and bytes.
+  const auto out_dtype = [&](const TensorInfo& t) {
+    return options.dtype && dtype_is_convertible(t.dtype) ? *options.dtype : t.dtype;
+  };
+  // Writes one shard (or the single file) at `path` from `reader`, tensor by tensor; returns the
+  // size of its data buffer (the bytes of its tensors as written).
+  const auto write_file = [&](const SafetensorsReader& reader, const std::string& path) -> std::size_t {
     SafetensorsStreamWriter w(path);
     w.set_metadata(reader.metadata());
     for (const TensorInfo& t : reader.tensors()) w.declare(t.name, out_dtype(t), t.shape);
@@ -980,9 +1020,9 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
     std::vector<std::uint8_t> buf;
     for (const TensorInfo& t : reader.tensors()) {
       const std::uint8_t* src = reader.raw(t.name);
-      const std::size_t in_bytes = t.end - t.begin;
+      const std::size_t in_bytes = t.nbytes();
       const Dtype od = out_dtype(t);
-      const std::size_t count = in_bytes / dtype_size(t.dtype);
+      const std::size_t count = static_cast<std::size_t>(t.numel());
       const auto mod = module_of.find(t.name);
       if (mod != module_of.end()) {
         const PeftModule& m = *mod->second;
@@ -1016,6 +1056,7 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
     }
     w.finish();
     report.files_written.push_back(path);
+    return w.declared().empty() ? std::size_t{0} : w.declared().back().end;
   };
 
   if (!ckpt.sharded) {
@@ -1023,12 +1064,9 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
     return report;
   }
   detail::AtomicDir dir(out);
-  std::size_t total = 0;
-  for (std::size_t k = 0; k < ckpt.readers.size(); ++k) {
-    write_file(ckpt.readers[k], detail::join_path(dir.tmp(), ckpt.shard_names[k]));
-    for (const TensorInfo& t : ckpt.readers[k].tensors())
-      total += static_cast<std::size_t>(t.numel()) * dtype_size(out_dtype(t));
-  }
+  std::size_t total = 0;  // what transformers' index calls total_size: tensor bytes, without headers
+  for (std::size_t k = 0; k < ckpt.readers.size(); ++k)
+    total += write_file(ckpt.readers[k], detail::join_path(dir.tmp(), ckpt.shard_names[k]));
   // The index: same metadata (total_size updated to the output's bytes) and the same weight_map.
   nlohmann::ordered_json idx;
   idx["metadata"] = ckpt.index_metadata.is_object() ? ckpt.index_metadata : nlohmann::ordered_json::object();

@@ -4,21 +4,37 @@
 //   {"__metadata__": {"k": "v"}, "name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [b, e]}}
 // with offsets relative to the start of the data buffer; data is little-endian and row-major.
 //
-// Supported dtypes: F16, BF16, F32, F64 (what adapters and their base weights use). Files holding
-// other dtypes (I8, F8_E4M3, ...) are rejected up front with "unsupported dtype".
+// Dtypes: every dtype of the reference implementation (safetensors/src/tensor.rs, enum Dtype, as of
+// May 2026): BOOL, F4, F6_E2M3, F6_E3M2, U8, I8, F8_E5M2, F8_E4M3, F8_E8M0, F8_E4M3FNUZ,
+// F8_E5M2FNUZ, I16, U16, F16, BF16, I32, U32, F32, C64, F64, I64, U64.
+// - The reader accepts all of them and raw() gives any tensor's bytes; the writers write any of
+//   them from raw bytes, so a checkpoint can be copied byte for byte whatever it holds.
+// - Only F16, BF16, F32 and F64 are converted (dtype_is_convertible): matrix<T>() / vector<T>()
+//   read them as float or double, and the writers encode Eigen matrices to them. The typed
+//   accessors and the matrix writers refuse every other dtype with an error naming the tensor and
+//   its dtype.
+// - Sub-byte dtypes (F4: 4 bits, F6_*: 6 bits per element) follow the reference's rule: a tensor's
+//   byte count is elements x bits / 8, and a tensor whose bits are not a whole number of bytes is
+//   invalid (the reference's MisalignedSlice).
 //
-// Validation follows the reference (Rust) implementation: header length <= 100 MB, header starts
-// with '{', tensors tile the data buffer exactly in offset order (no gaps, no overlaps, no unused
-// bytes), and each tensor's byte range matches shape x dtype size. In addition duplicate JSON keys
-// are rejected (serde would reject them too; nlohmann would silently keep the last one).
+// Validation follows the reference: header length <= 100 MB, header starts with '{', tensors tile
+// the data buffer exactly in offset order (no gaps, no overlaps, no unused bytes), and each tensor's
+// byte range matches shape x dtype size, with every product checked for overflow. In addition
+// duplicate JSON keys are rejected (serde would reject them too; nlohmann would silently keep the
+// last one).
 //
 // Every failure, in the reader and in the writers, throws dora::io::SafetensorsError whose message
 // starts with "safetensors: <file>: " and names the tensor when one is involved.
 //
 // Rank 0 (shape []) tensors hold one element; matrix() reads them as 1 x 1, vector() rejects them.
 //
-// Only little-endian hosts are supported (the on-disk byte order is copied as is).
+// Platform: a POSIX file API and a little-endian host (detail/platform.hpp stops the build with
+// a message otherwise): the on-disk byte order is used as is.
 #pragma once
+
+// clang-format off (include sorting would move it): the platform checks precede every system header
+#include "dora/io/detail/platform.hpp"
+// clang-format on
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -46,40 +62,104 @@
 
 #include "dora/io/detail/half.hpp"
 
-#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "dora/io/safetensors.hpp supports little-endian hosts only"
-#endif
-
 namespace dora::io {
 
-enum class Dtype { F16, BF16, F32, F64 };
+/// The safetensors dtypes, in the reference implementation's order (increasing alignment), so that
+/// sorting tensors by dtype descending, then by name, gives the order in which the Python library
+/// lays them out.
+enum class Dtype {
+  BOOL,
+  F4,
+  F6_E2M3,
+  F6_E3M2,
+  U8,
+  I8,
+  F8_E5M2,
+  F8_E4M3,
+  F8_E8M0,
+  F8_E4M3FNUZ,
+  F8_E5M2FNUZ,
+  I16,
+  U16,
+  F16,
+  BF16,
+  I32,
+  U32,
+  F32,
+  C64,
+  F64,
+  I64,
+  U64,
+};
 
+namespace detail {
+struct DtypeDesc {
+  Dtype dtype;
+  const char* name;  // as written in headers
+  unsigned bits;     // per element
+};
+// Indexed by the enum's value (checked in dtype_desc below).
+inline constexpr DtypeDesc kDtypes[] = {
+    {Dtype::BOOL, "BOOL", 8},
+    {Dtype::F4, "F4", 4},
+    {Dtype::F6_E2M3, "F6_E2M3", 6},
+    {Dtype::F6_E3M2, "F6_E3M2", 6},
+    {Dtype::U8, "U8", 8},
+    {Dtype::I8, "I8", 8},
+    {Dtype::F8_E5M2, "F8_E5M2", 8},
+    {Dtype::F8_E4M3, "F8_E4M3", 8},
+    {Dtype::F8_E8M0, "F8_E8M0", 8},
+    {Dtype::F8_E4M3FNUZ, "F8_E4M3FNUZ", 8},
+    {Dtype::F8_E5M2FNUZ, "F8_E5M2FNUZ", 8},
+    {Dtype::I16, "I16", 16},
+    {Dtype::U16, "U16", 16},
+    {Dtype::F16, "F16", 16},
+    {Dtype::BF16, "BF16", 16},
+    {Dtype::I32, "I32", 32},
+    {Dtype::U32, "U32", 32},
+    {Dtype::F32, "F32", 32},
+    {Dtype::C64, "C64", 64},
+    {Dtype::F64, "F64", 64},
+    {Dtype::I64, "I64", 64},
+    {Dtype::U64, "U64", 64},
+};
+inline constexpr std::size_t kDtypeCount = sizeof(kDtypes) / sizeof(kDtypes[0]);
+static_assert(kDtypeCount == static_cast<std::size_t>(Dtype::U64) + 1, "one kDtypes entry per Dtype");
+
+constexpr bool dtypes_in_enum_order() {
+  for (std::size_t i = 0; i < kDtypeCount; ++i)
+    if (static_cast<std::size_t>(kDtypes[i].dtype) != i) return false;
+  return true;
+}
+static_assert(dtypes_in_enum_order(), "kDtypes must be indexed by the Dtype value");
+
+inline const DtypeDesc* dtype_desc(Dtype d) {
+  const std::size_t i = static_cast<std::size_t>(d);
+  return i < kDtypeCount ? &kDtypes[i] : nullptr;  // a value cast from an out-of-range integer
+}
+}  // namespace detail
+
+/// The dtype's name as written in safetensors headers ("F32", "F8_E4M3", ...).
 inline const char* dtype_name(Dtype d) {
-  switch (d) {
-    case Dtype::F16:
-      return "F16";
-    case Dtype::BF16:
-      return "BF16";
-    case Dtype::F32:
-      return "F32";
-    case Dtype::F64:
-      return "F64";
-  }
-  return "?";
+  const detail::DtypeDesc* desc = detail::dtype_desc(d);
+  return desc != nullptr ? desc->name : "?";
 }
 
-inline std::size_t dtype_size(Dtype d) {
-  switch (d) {
-    case Dtype::F16:
-      return 2;
-    case Dtype::BF16:
-      return 2;
-    case Dtype::F32:
-      return 4;
-    case Dtype::F64:
-      return 8;
-  }
-  return 0;
+/// Bits per element: 4 (F4), 6 (F6_E2M3, F6_E3M2), 8, 16, 32 or 64.
+inline std::size_t dtype_bits(Dtype d) {
+  const detail::DtypeDesc* desc = detail::dtype_desc(d);
+  return desc != nullptr ? desc->bits : 0;
+}
+
+/// Whole bytes per element, as the reference's (deprecated) Dtype::size(): bits / 8, hence 0 for
+/// the sub-byte F4 and F6_* dtypes. A tensor's byte count is TensorInfo::nbytes().
+inline std::size_t dtype_size(Dtype d) { return dtype_bits(d) / 8; }
+
+/// F16, BF16, F32, F64: the dtypes that are converted. matrix<T>() / vector<T>() read them, the
+/// matrix writers encode to them, merges adapt weights stored in them and convert between them.
+/// Tensors of every other dtype are read, written and copied as bytes only.
+inline bool dtype_is_convertible(Dtype d) {
+  return d == Dtype::F16 || d == Dtype::BF16 || d == Dtype::F32 || d == Dtype::F64;
 }
 
 /// The one exception type of dora::io. The message names the file ("<memory>" or the label given
@@ -95,12 +175,15 @@ struct TensorInfo {
   std::vector<std::int64_t> shape;
   std::size_t begin = 0, end = 0;  // byte offsets within the data buffer, [begin, end)
 
-  /// Product of the shape (1 for rank 0). The reader has checked that it does not overflow.
+  /// Product of the shape (1 for rank 0). The reader has checked that elements x bits fits in
+  /// size_t, so this fits in int64 (bits >= 4).
   std::int64_t numel() const {
     std::int64_t n = 1;
     for (std::int64_t d : shape) n *= d;
     return n;
   }
+  /// Bytes of the tensor's data (end - begin), for every dtype including the sub-byte ones.
+  std::size_t nbytes() const { return end - begin; }
 };
 
 namespace detail {
@@ -133,34 +216,57 @@ inline std::string range_string(std::size_t b, std::size_t e) {
 }
 
 inline bool parse_dtype(const std::string& s, Dtype* out) {
-  if (s == "F16") {
-    *out = Dtype::F16;
-    return true;
-  }
-  if (s == "BF16") {
-    *out = Dtype::BF16;
-    return true;
-  }
-  if (s == "F32") {
-    *out = Dtype::F32;
-    return true;
-  }
-  if (s == "F64") {
-    *out = Dtype::F64;
-    return true;
+  for (const DtypeDesc& d : kDtypes) {
+    if (s == d.name) {
+      *out = d.dtype;
+      return true;
+    }
   }
   return false;
 }
 
-/// Byte count of a tensor, or false if the shape is invalid or the count overflows size_t.
-inline bool tensor_nbytes(const std::vector<std::int64_t>& shape, Dtype dtype, std::size_t* out) {
-  std::size_t n = dtype_size(dtype);
+/// Every dtype name, for messages.
+inline std::string dtype_list() {
+  std::string s;
+  for (const DtypeDesc& d : kDtypes) s += (s.empty() ? "" : ", ") + std::string(d.name);
+  return s;
+}
+
+enum class SizeStatus { ok, negative, overflow, partial_byte };
+
+/// Byte count of a tensor as the reference computes it: elements x bits, which must not overflow
+/// size_t and must be a whole number of bytes (sub-byte dtypes), divided by 8.
+inline SizeStatus tensor_nbytes(const std::vector<std::int64_t>& shape, Dtype dtype, std::size_t* out) {
+  std::size_t n = 1;
   for (std::int64_t d : shape) {
-    if (d < 0) return false;
-    if (mul_overflows(n, static_cast<std::size_t>(d), &n)) return false;
+    if (d < 0) return SizeStatus::negative;
+    if (mul_overflows(n, static_cast<std::size_t>(d), &n)) return SizeStatus::overflow;
   }
-  *out = n;
-  return true;
+  std::size_t bits;
+  if (mul_overflows(n, dtype_bits(dtype), &bits)) return SizeStatus::overflow;
+  if (bits % 8 != 0) return SizeStatus::partial_byte;
+  *out = bits / 8;
+  return SizeStatus::ok;
+}
+
+/// What is wrong with a shape for which tensor_nbytes() did not return ok.
+inline std::string size_problem(SizeStatus st, const std::vector<std::int64_t>& shape, Dtype dtype) {
+  const std::string what = "shape " + shape_string(shape) + " of " + dtype_name(dtype);
+  switch (st) {
+    case SizeStatus::negative:
+      return what + " has a negative entry";
+    case SizeStatus::partial_byte:
+      return what + " (" + std::to_string(dtype_bits(dtype)) + " bits per element) is not a whole number of bytes";
+    case SizeStatus::overflow:
+    case SizeStatus::ok:
+      break;
+  }
+  return what + " overflows the size in bytes";
+}
+
+[[noreturn]] inline void fail_no_conversion(Dtype dtype) {
+  // Callers check dtype_is_convertible first; reaching this is a bug in dora::io, not in a file.
+  throw SafetensorsError(std::string("safetensors: internal error: no conversion for dtype ") + dtype_name(dtype));
 }
 
 inline double load_as_double(const std::uint8_t* p, Dtype dtype) {
@@ -186,8 +292,10 @@ inline double load_as_double(const std::uint8_t* p, Dtype dtype) {
       std::memcpy(&d, p, 8);
       return d;
     }
+    default:
+      break;
   }
-  return 0.0;
+  fail_no_conversion(dtype);
 }
 
 template <typename Scalar>
@@ -224,7 +332,10 @@ inline void store(std::uint8_t* p, Scalar value, Dtype dtype) {
       std::memcpy(p, &d, 8);
       return;
     }
+    default:
+      break;
   }
+  fail_no_conversion(dtype);
 }
 
 inline std::string errno_string(int err) { return std::string(std::strerror(err)); }
@@ -346,7 +457,7 @@ inline TensorInfo parse_entry(const std::string& file, const std::string& name, 
   if (!dt->is_string()) fail_tensor(file, name, "'dtype' is not a string: " + json_brief(*dt));
   const std::string& dts = dt->get_ref<const std::string&>();
   if (!parse_dtype(dts, &t.dtype))
-    fail_tensor(file, name, "unsupported dtype '" + dts + "' (supported: F16, BF16, F32, F64)");
+    fail_tensor(file, name, "unknown dtype '" + dts + "' (safetensors dtypes: " + dtype_list() + ")");
 
   const auto sh = e.find("shape");
   if (sh == e.end()) fail_tensor(file, name, "missing 'shape'");
@@ -370,13 +481,9 @@ inline TensorInfo parse_entry(const std::string& file, const std::string& name, 
   t.end = static_cast<std::size_t>(en);
   if (t.begin > t.end) fail_tensor(file, name, "data_offsets " + range_string(t.begin, t.end) + " have begin > end");
 
-  std::size_t need;
-  if (!tensor_nbytes(t.shape, t.dtype, &need))
-    fail_tensor(file, name,
-                "shape " + shape_string(t.shape) + " of " + dtype_name(t.dtype) + " overflows the size in bytes");
-  // numel() returns int64: keep the element count representable there too.
-  if (need / dtype_size(t.dtype) > static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max()))
-    fail_tensor(file, name, "shape " + shape_string(t.shape) + " has too many elements");
+  std::size_t need = 0;
+  const SizeStatus st = tensor_nbytes(t.shape, t.dtype, &need);
+  if (st != SizeStatus::ok) fail_tensor(file, name, size_problem(st, t.shape, t.dtype));
   if (t.end - t.begin != need)
     fail_tensor(file, name,
                 "data_offsets " + range_string(t.begin, t.end) + " hold " + std::to_string(t.end - t.begin) +
@@ -481,12 +588,14 @@ class SafetensorsReader {
     return tensors_[it->second];
   }
 
-  /// Rank 2 [d0, d1] -> d0 x d1; rank 1 [n] -> n x 1; rank 0 [] -> 1 x 1. Converts from any
-  /// supported dtype (F16/BF16 exactly; F64 -> float rounds as static_cast).
+  /// Rank 2 [d0, d1] -> d0 x d1; rank 1 [n] -> n x 1; rank 0 [] -> 1 x 1. Converts from F16, BF16,
+  /// F32 and F64 (F16/BF16 exactly; F64 -> float rounds as static_cast); any other dtype throws
+  /// (its bytes are in raw()).
   template <typename Scalar>
   RowMatrix<Scalar> matrix(const std::string& name) const {
     static_assert(std::is_floating_point<Scalar>::value, "matrix<Scalar>: Scalar must be float or double");
     const TensorInfo& t = info(name);
+    require_convertible(t, "matrix()");
     if (t.shape.size() > 2)
       detail::fail_tensor(path_, name,
                           "rank " + std::to_string(t.shape.size()) +
@@ -499,11 +608,12 @@ class SafetensorsReader {
     return m;
   }
 
-  /// Rank 1 [n] -> n-vector; any other rank throws.
+  /// Rank 1 [n] -> n-vector; any other rank throws, and so does a dtype matrix() refuses.
   template <typename Scalar>
   Eigen::Matrix<Scalar, Eigen::Dynamic, 1> vector(const std::string& name) const {
     static_assert(std::is_floating_point<Scalar>::value, "vector<Scalar>: Scalar must be float or double");
     const TensorInfo& t = info(name);
+    require_convertible(t, "vector()");
     if (t.shape.size() != 1)
       detail::fail_tensor(path_, name,
                           "rank " + std::to_string(t.shape.size()) +
@@ -514,7 +624,8 @@ class SafetensorsReader {
     return v;
   }
 
-  /// The tensor's bytes as stored (little-endian, row-major, end - begin bytes, not aligned).
+  /// The tensor's bytes as stored, for every dtype (little-endian, row-major, info(name).nbytes()
+  /// bytes, not aligned).
   const std::uint8_t* raw(const std::string& name) const { return data_ + info(name).begin; }
 
  private:
@@ -528,6 +639,13 @@ class SafetensorsReader {
     metadata_ = std::move(h.metadata);
     data_ = h.data;
     for (std::size_t i = 0; i < tensors_.size(); ++i) index_.emplace(tensors_[i].name, i);
+  }
+
+  void require_convertible(const TensorInfo& t, const char* accessor) const {
+    if (!dtype_is_convertible(t.dtype))
+      detail::fail_tensor(path_, t.name,
+                          std::string("dtype ") + dtype_name(t.dtype) + " cannot be read by " + accessor +
+                              ", which converts F16, BF16, F32 and F64 only; raw() gives its bytes");
   }
 
   template <typename Scalar>
@@ -652,6 +770,13 @@ inline std::string json_string(const std::string& file, const std::string& s) {
   }
 }
 
+inline void require_encodable(const std::string& file, const std::string& name, Dtype dtype) {
+  if (!dtype_is_convertible(dtype))
+    fail_tensor(file, name,
+                std::string("dtype ") + dtype_name(dtype) +
+                    ": a matrix can be written as F16, BF16, F32 or F64 only; write other dtypes as raw bytes");
+}
+
 /// Converts `m` to `dtype` in row-major order, calling sink(bytes, n) on chunks of whole rows so
 /// large tensors are never duplicated in full.
 template <typename Derived, typename Sink>
@@ -687,8 +812,9 @@ void encode_rows(const Eigen::MatrixBase<Derived>& m, Dtype dtype, Sink&& sink) 
 /// renames onto `path`. Without finish() (exception, early return) the destructor removes the
 /// temporary and `path` is untouched. The data layout is the reference library's for the same
 /// tensor order: `__metadata__` first, keys dtype/shape/data_offsets, header padded with spaces to
-/// a multiple of 8 bytes. (Python orders tensors by dtype size descending, then name; declare in
-/// that order to reproduce its files byte for byte.)
+/// a multiple of 8 bytes. (Python orders tensors by Dtype descending, i.e. U64, I64, F64, C64, F32,
+/// ... , BOOL as the enum lists them in reverse, then by name; declare in that order to reproduce
+/// its files byte for byte.)
 class SafetensorsStreamWriter {
  public:
   explicit SafetensorsStreamWriter(std::string path) : path_(std::move(path)) {}
@@ -707,10 +833,11 @@ class SafetensorsStreamWriter {
     require_state(State::Declaring, "declare('" + name + "') must come before begin()");
     if (name == "__metadata__") detail::fail_tensor(path_, name, "name is reserved for metadata");
     if (index_.count(name)) detail::fail_tensor(path_, name, "declared twice");
-    std::size_t nbytes;
-    if (!detail::tensor_nbytes(shape, dtype, &nbytes))
-      detail::fail_tensor(
-          path_, name, "shape " + detail::shape_string(shape) + " has a negative entry or overflows the size in bytes");
+    if (detail::dtype_desc(dtype) == nullptr)
+      detail::fail_tensor(path_, name, "invalid Dtype value " + std::to_string(static_cast<long long>(dtype)));
+    std::size_t nbytes = 0;
+    const detail::SizeStatus st = detail::tensor_nbytes(shape, dtype, &nbytes);
+    if (st != detail::SizeStatus::ok) detail::fail_tensor(path_, name, detail::size_problem(st, shape, dtype));
     TensorInfo t;
     t.name = name;
     t.dtype = dtype;
@@ -761,7 +888,7 @@ class SafetensorsStreamWriter {
     state_ = State::Writing;
   }
 
-  /// Writes the next declared tensor's bytes unchanged (end - begin bytes, little-endian).
+  /// Writes the next declared tensor's bytes unchanged (end - begin bytes, little-endian): any dtype.
   void write(const std::string& name, const void* bytes, std::size_t nbytes) {
     const TensorInfo& t = next(name);
     if (nbytes != t.end - t.begin)
@@ -772,11 +899,12 @@ class SafetensorsStreamWriter {
     ++next_;
   }
 
-  /// Converts and writes the next declared tensor. Rank 2 [r, c] needs an r x c matrix; rank 1 [n]
-  /// a vector (n x 1 or 1 x n); rank 0 a 1 x 1 matrix.
+  /// Converts and writes the next declared tensor, which must be F16, BF16, F32 or F64. Rank 2
+  /// [r, c] needs an r x c matrix; rank 1 [n] a vector (n x 1 or 1 x n); rank 0 a 1 x 1 matrix.
   template <typename Derived>
   void write(const std::string& name, const Eigen::MatrixBase<Derived>& m) {
     const TensorInfo& t = next(name);
+    detail::require_encodable(path_, name, t.dtype);
     bool ok;
     if (t.shape.size() == 2)
       ok = m.rows() == t.shape[0] && m.cols() == t.shape[1];
@@ -846,9 +974,10 @@ class SafetensorsWriter {
   void set_metadata(std::map<std::string, std::string> metadata) { stream_.set_metadata(std::move(metadata)); }
 
   /// A compile-time column vector becomes shape [n]; anything else [rows, cols]. Stored row-major
-  /// whatever Derived's storage order.
+  /// whatever Derived's storage order. dtype: F16, BF16, F32 or F64 (add_raw() takes any).
   template <typename Derived>
   void add(const std::string& name, const Eigen::MatrixBase<Derived>& m, Dtype dtype) {
+    detail::require_encodable(stream_.path(), name, dtype);
     // Built by push_back: assigning an initializer list here trips a GCC 12 -O3 -Wnonnull false positive.
     std::vector<std::int64_t> shape{static_cast<std::int64_t>(m.rows())};
     if (Derived::ColsAtCompileTime != 1) shape.push_back(static_cast<std::int64_t>(m.cols()));
@@ -860,10 +989,11 @@ class SafetensorsWriter {
     data_.push_back(std::move(bytes));
   }
 
+  /// Any dtype; `nbytes` must be the shape's byte count.
   void add_raw(const std::string& name, Dtype dtype, std::vector<std::int64_t> shape, const void* bytes,
                std::size_t nbytes) {
-    std::size_t need;
-    if (detail::tensor_nbytes(shape, dtype, &need) && need != nbytes)
+    std::size_t need = 0;
+    if (detail::tensor_nbytes(shape, dtype, &need) == detail::SizeStatus::ok && need != nbytes)
       detail::fail_tensor(stream_.path(), name,
                           "got " + std::to_string(nbytes) + " bytes but shape " + detail::shape_string(shape) + " of " +
                               dtype_name(dtype) + " needs " + std::to_string(need));
