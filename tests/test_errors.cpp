@@ -115,3 +115,26 @@ TEMPLATE_TEST_CASE("Backward before forward, or twice after one forward, throws 
   layer.backward(Mat<S>::Zero(3, 6));
   CHECK_THROWS_AS(layer.backward(Mat<S>::Zero(3, 6)), std::logic_error);
 }
+
+TEMPLATE_TEST_CASE("row_norm and row_norm_dense refuse factors of the wrong size, naming the sizes", "[errors]", float,
+                   double) {
+  using S = TestType;
+  using ColMajor = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
+  const Mat<S> W = random_matrix<S>(6, 4, 1);
+  const Mat<S> A = random_matrix<S>(2, 4, 2), B = random_matrix<S>(6, 2, 3);
+  const S s = S(0.5);
+  CHECK_THROWS_NAMING(dora::row_norm(W, Mat<S>(Mat<S>::Zero(2, 5)), B, s), std::invalid_argument,
+                      "row_norm: W is 6 x 4, A is 2 x 5, B is 6 x 2");
+  CHECK_THROWS_NAMING(dora::row_norm(W, A, Mat<S>(Mat<S>::Zero(5, 2)), s), std::invalid_argument,
+                      "row_norm: W is 6 x 4, A is 2 x 4, B is 5 x 2");
+  CHECK_THROWS_NAMING(dora::row_norm(W, A, Mat<S>(Mat<S>::Zero(6, 3)), s), std::invalid_argument, "B is 6 x 3");
+  // The same message through a Map, a column-major W and an expression.
+  const Eigen::Map<const Mat<S>> W_map(W.data(), 4, 6);
+  CHECK_THROWS_NAMING(dora::row_norm(W_map, A, B, s), std::invalid_argument, "row_norm: W is 4 x 6, A is 2 x 4");
+  const ColMajor W_col = W.transpose();
+  CHECK_THROWS_NAMING(dora::row_norm(W_col, A, B, s), std::invalid_argument, "row_norm: W is 4 x 6");
+  CHECK_THROWS_NAMING(dora::row_norm(W, A.leftCols(3), B * S(2), s), std::invalid_argument, "A is 2 x 3, B is 6 x 2");
+  CHECK_THROWS_NAMING(dora::row_norm_dense(W, A.leftCols(3), B, s), std::invalid_argument,
+                      "row_norm_dense: W is 6 x 4, A is 2 x 3, B is 6 x 2");
+  CHECK_THROWS_NAMING(dora::row_norm_dense(W_col, A, B, s), std::invalid_argument, "row_norm_dense: W is 4 x 6");
+}

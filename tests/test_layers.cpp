@@ -2,6 +2,10 @@
 // modes, the evaluation-mode norm cache, and the policy for rows with a zero direction.
 
 #include <catch2/catch.hpp>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "test_support.hpp"
 
@@ -268,4 +272,82 @@ TEST_CASE("Factored row norm equals the dense one and rows with heavy cancellati
   INFO("cancelling row: factored " << f[3] << " dense " << d[3] << " exact " << expected);
   CHECK(std::abs(f[3] - expected) <= 1e-8 * expected);
   CHECK(rel_err(f, d) <= 1e-14);
+}
+
+namespace {
+
+template <typename S>
+void check_row_norm_argument(const char* what, const Vec<S>& got, const Vec<S>& dense, const Vec<S>& from_matrix) {
+  const double tol = std::is_same<S, float>::value ? 1e-5 : 1e-14;
+  INFO(what << ": vs row_norm_dense " << rel_err(got, dense) << ", vs the Matrix call " << rel_err(got, from_matrix));
+  CHECK(rel_err(got, dense) <= tol);
+  CHECK(rel_err(got, from_matrix) <= tol);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("row_norm and row_norm_dense take any Eigen dense W, A, B", "[norm]", float, double) {
+  using S = TestType;
+  using ColMajor = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
+  const Eigen::Index d_out = 7, d_in = 9, r = 3;
+  const Mat<S> W = random_matrix<S>(d_out, d_in, 70);
+  const Mat<S> A = random_matrix<S>(r, d_in, 71);
+  const Mat<S> B = random_matrix<S>(d_out, r, 72, 0.3);
+  const S s = S(0.75);
+  const Vec<S> dense = dora::row_norm_dense(W, A, B, s);
+  const Vec<S> from_matrix = dora::row_norm(W, A, B, s);
+  check_row_norm_argument<S>("Matrix", from_matrix, dense, from_matrix);
+
+  // A row-major Map over a raw buffer, contiguous and with padded rows.
+  std::vector<S> buffer(static_cast<std::size_t>(W.size()));
+  Eigen::Map<Mat<S>>(buffer.data(), d_out, d_in) = W;
+  const Eigen::Map<const Mat<S>> W_map(buffer.data(), d_out, d_in);
+  check_row_norm_argument<S>("row-major Map", dora::row_norm(W_map, A, B, s), dense, from_matrix);
+  check_row_norm_argument<S>("row-major Map (dense)", dora::row_norm_dense(W_map, A, B, s), dense, from_matrix);
+  const Eigen::Index stride = d_in + 3;
+  std::vector<S> padded(static_cast<std::size_t>(d_out * stride), std::numeric_limits<S>::quiet_NaN());
+  using StridedMap = Eigen::Map<const Mat<S>, Eigen::Unaligned, Eigen::OuterStride<>>;
+  for (Eigen::Index i = 0; i < d_out; ++i)
+    for (Eigen::Index j = 0; j < d_in; ++j) padded[static_cast<std::size_t>(i * stride + j)] = W(i, j);
+  const StridedMap W_strided(padded.data(), d_out, d_in, Eigen::OuterStride<>(stride));
+  check_row_norm_argument<S>("Map with padded rows", dora::row_norm(W_strided, A, B, s), dense, from_matrix);
+  // The layer's own view of a borrowed W.
+  check_row_norm_argument<S>("BaseLayer::weight", dora::row_norm(dora::borrow(W).weight, A, B, s), dense, from_matrix);
+
+  // Eigen::Ref, of W and of A and B.
+  const Eigen::Ref<const Mat<S>> W_ref(W), A_ref(A), B_ref(B);
+  check_row_norm_argument<S>("Ref", dora::row_norm(W_ref, A_ref, B_ref, s), dense, from_matrix);
+
+  // Blocks of larger matrices (W's rows are not contiguous in the big one's storage).
+  Mat<S> big = random_matrix<S>(d_out + 4, d_in + 5, 73);
+  big.block(2, 3, d_out, d_in) = W;
+  ColMajor big_A = random_matrix<S>(r + 2, d_in + 1, 74);
+  big_A.block(1, 1, r, d_in) = A;
+  check_row_norm_argument<S>("blocks", dora::row_norm(big.block(2, 3, d_out, d_in), big_A.block(1, 1, r, d_in), B, s),
+                             dense, from_matrix);
+  check_row_norm_argument<S>("blocks (dense)",
+                             dora::row_norm_dense(big.block(2, 3, d_out, d_in), big_A.block(1, 1, r, d_in), B, s),
+                             dense, from_matrix);
+
+  // Column-major storage, its transpose, and expressions.
+  const ColMajor W_col = W, A_col = A, B_col = B;
+  check_row_norm_argument<S>("column-major", dora::row_norm(W_col, A_col, B_col, s), dense, from_matrix);
+  check_row_norm_argument<S>("column-major (dense)", dora::row_norm_dense(W_col, A_col, B_col, s), dense, from_matrix);
+  const ColMajor Wt_col = W.transpose();  // d_in x d_out: its transpose is a row-major view of W
+  check_row_norm_argument<S>("transpose of column-major", dora::row_norm(Wt_col.transpose(), A, B, s), dense,
+                             from_matrix);
+  const Mat<S> W_half = W / S(2);
+  check_row_norm_argument<S>("expressions", dora::row_norm(W_half + W_half, A * S(1), B.array().matrix(), s), dense,
+                             from_matrix);
+
+  // Row-major views with contiguous rows are read in place; anything else is evaluated once.
+  CHECK(dora::detail::RowMajorRef<S>(W).data() == W.data());
+  CHECK(dora::detail::RowMajorRef<S>(W_map).data() == buffer.data());
+  CHECK(dora::detail::RowMajorRef<S>(W_strided).data() == padded.data());
+  CHECK(dora::detail::RowMajorRef<S>(W_ref).data() == W.data());
+  CHECK(dora::detail::RowMajorRef<S>(big.block(2, 3, d_out, d_in)).data() == &big(2, 3));
+  CHECK(dora::detail::RowMajorRef<S>(Wt_col.transpose()).data() == Wt_col.data());
+  const dora::detail::RowMajorRef<S> W_copy(W_col);
+  CHECK(W_copy.data() != W_col.data());
+  CHECK(W_copy == W);
 }

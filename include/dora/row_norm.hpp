@@ -13,17 +13,49 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "base_layer.hpp"
 
 namespace dora {
 
+namespace detail {
+
+template <typename DW, typename DA, typename DB>
+constexpr void check_row_norm_types() {
+  using Scalar = typename DW::Scalar;
+  static_assert(std::is_floating_point<Scalar>::value, "dora: row norm of a non-floating-point W");
+  static_assert(std::is_same<typename DA::Scalar, Scalar>::value && std::is_same<typename DB::Scalar, Scalar>::value,
+                "dora: W, A and B must have the same Scalar (cast them first)");
+}
+
+/// W as the factored norm reads it: a row-major view with contiguous rows. It binds without a copy
+/// to a row-major Matrix, Map (any row stride), Ref, or a block of one; any other argument
+/// (column-major storage, an expression) is evaluated once into a row-major matrix the Ref owns.
+template <typename Scalar>
+using RowMajorRef = Eigen::Ref<const Matrix<Scalar>, 0, Eigen::OuterStride<>>;
+
+/// The small factors A and B as the row-major Matrix the factored norm takes: the argument itself
+/// when it is one, else a copy (r x d_in and d_out x r: small next to W).
+template <typename Scalar>
+const Matrix<Scalar>& as_matrix(const Matrix<Scalar>& a) {
+  return a;
+}
+template <typename Scalar, typename Derived>
+Matrix<Scalar> as_matrix(const Eigen::MatrixBase<Derived>& a) {
+  return a;
+}
+
+}  // namespace detail
+
 /// Dense reference: forms V = W + s B A (d_out x d_in) as PEFT does. Test oracle and benchmark
-/// baseline only; it allocates a matrix the size of W.
+/// baseline only; it allocates a matrix the size of W. W, A, B: any Eigen dense matrices or
+/// expressions of the same Scalar.
 template <typename DW, typename DA, typename DB>
 Vector<typename DW::Scalar> row_norm_dense(const Eigen::MatrixBase<DW>& W, const Eigen::MatrixBase<DA>& A,
                                            const Eigen::MatrixBase<DB>& B, typename DW::Scalar scaling) {
   using Scalar = typename DW::Scalar;
+  detail::check_row_norm_types<DW, DA, DB>();
   DORA_CHECK_ARG(A.cols() == W.cols() && B.rows() == W.rows() && B.cols() == A.rows(), "row_norm_dense: W is ",
                  W.rows(), " x ", W.cols(), ", A is ", A.rows(), " x ", A.cols(), ", B is ", B.rows(), " x ", B.cols());
   Matrix<Scalar> V = W;
@@ -101,15 +133,26 @@ class FactoredRowNorm {
 }  // namespace detail
 
 /// Factored row norm of W + s B A (allocates its small workspaces; layers keep theirs).
-template <typename Scalar>
-Vector<Scalar> row_norm(const Matrix<Scalar>& W, const Matrix<Scalar>& A, const Matrix<Scalar>& B, Scalar scaling) {
+/// W (d_out x d_in), A (r x d_in), B (d_out x r): any Eigen dense matrices or expressions of the
+/// same Scalar (Matrix, Map over raw memory, Ref, blocks, column-major storage). A row-major W
+/// with contiguous rows (Matrix, Map, Ref, a block of one) is read in place; any other W is
+/// evaluated once into a row-major temporary the size of W (detail::RowMajorRef). A and B are
+/// copied into row-major matrices unless they are ones already.
+template <typename DW, typename DA, typename DB>
+Vector<typename DW::Scalar> row_norm(const Eigen::MatrixBase<DW>& W, const Eigen::MatrixBase<DA>& A,
+                                     const Eigen::MatrixBase<DB>& B, typename DW::Scalar scaling) {
+  using Scalar = typename DW::Scalar;
+  detail::check_row_norm_types<DW, DA, DB>();
   DORA_CHECK_ARG(A.cols() == W.cols() && B.rows() == W.rows() && B.cols() == A.rows(), "row_norm: W is ", W.rows(),
                  " x ", W.cols(), ", A is ", A.rows(), " x ", A.cols(), ", B is ", B.rows(), " x ", B.cols());
-  const Vector<Scalar> w_sq = W.rowwise().squaredNorm();
+  const detail::RowMajorRef<Scalar> Wr(W.derived());
+  const Matrix<Scalar>& Am = detail::as_matrix<Scalar>(A.derived());
+  const Matrix<Scalar>& Bm = detail::as_matrix<Scalar>(B.derived());
+  const Vector<Scalar> w_sq = Wr.rowwise().squaredNorm();
   detail::FactoredRowNorm<Scalar> work;
-  work.resize(W.rows(), W.cols(), A.rows());
-  Vector<Scalar> n(W.rows());
-  work.compute(W, w_sq, A, B, scaling, n);
+  work.resize(Wr.rows(), Wr.cols(), Am.rows());
+  Vector<Scalar> n(Wr.rows());
+  work.compute(Wr, w_sq, Am, Bm, scaling, n);
   return n;
 }
 
