@@ -254,3 +254,133 @@ TEST_CASE("Gradients accumulate across backward calls until zero_grad", "[gradie
     check_accumulation(lora, p);
   }
 }
+
+// backward_parameters(dy) against backward(dy, dx) and against central differences. The two take
+// different paths through the exact norm gradient: backward() in training without dropout stacks
+// s (diag(beta) B)^T under Gg so that one product with W gives dx's share and dA's, while
+// backward_parameters() (no dx) forms dA's share on its own. Dropout and evaluation mode (cached
+// norm, no A stacked in forward) take the unstacked path in both.
+namespace {
+
+enum class Run { train, train_dropout, eval };
+
+const char* run_name(Run run) {
+  switch (run) {
+    case Run::train:
+      return "training, no dropout";
+    case Run::train_dropout:
+      return "training, dropout 0.25";
+    case Run::eval:
+      return "evaluation (dropout 0.25 configured, off)";
+  }
+  return "";
+}
+
+constexpr double kSamePathTolerance = 1e-14;
+
+void check_same(const char* what, const M& params_only, const M& full) {
+  const double err = rel_err(params_only, full);
+  INFO(what << ": backward_parameters vs backward, relative difference = " << err);
+  CHECK(err <= kSamePathTolerance);
+}
+
+void check_dora_backward_parameters(const Shape& s, dora::NormGradient mode, Run run) {
+  const double dropout = run == Run::train ? 0.0 : 0.25;
+  Problem p = make_problem(s, 400 + static_cast<std::uint64_t>(s.d_out + s.rank), dropout, mode, false);
+  dora::DoraLinear<double> params_only(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+  dora::DoraLinear<double> full(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+  const V m = params_only.magnitude().array() * (1.0 + 0.3 * random_vector<double>(s.d_out, 9).array());
+  params_only.set_magnitude(m);
+  full.set_magnitude(m);
+  if (run == Run::eval) {
+    params_only.eval();
+    full.eval();
+  }
+  params_only.seed_dropout(kMaskSeed);
+  full.seed_dropout(kMaskSeed);
+  const M y = params_only.forward(p.x);
+  REQUIRE(y == full.forward(p.x));  // the same forward
+  const bool masked = run == Run::train_dropout;
+  if (masked) {
+    REQUIRE(params_only.dropout_mask() == full.dropout_mask());
+    REQUIRE((params_only.dropout_mask().array() == 0.0).any());
+    REQUIRE((params_only.dropout_mask().array() != 0.0).any());
+  }
+  params_only.backward_parameters(p.dy);
+  M dx(s.batch, s.d_in);
+  full.backward(p.dy, dx);
+  check_same("dA", params_only.grad_lora_A(), full.grad_lora_A());
+  check_same("dB", params_only.grad_lora_B(), full.grad_lora_B());
+  check_same("dm", params_only.grad_magnitude(), full.grad_magnitude());
+  CHECK_FALSE(params_only.has_saved_activations());
+
+  const M dA = params_only.grad_lora_A(), dB = params_only.grad_lora_B();
+  const M dm = params_only.grad_magnitude();
+  if (mode == dora::NormGradient::exact) {
+    const std::function<double()> f = [&] { return layer_objective(params_only, p.x, p.dy); };
+    check("backward_parameters exact dA", dA, numerical_gradient(params_only.lora_A(), f));
+    check("backward_parameters exact dB", dB, numerical_gradient(params_only.lora_B(), f));
+    check("backward_parameters exact dm", dm, numerical_gradient(params_only.magnitude(), f));
+  } else {
+    const V n0 = params_only.row_norm();
+    const double sc = params_only.scaling();
+    const M mask = masked ? params_only.dropout_mask() : M();
+    M A = p.A, B = p.B, mm = m;
+    const std::function<double()> f = [&] {
+      const M yo = dora_frozen_norm_output(p, p.x, A, B, mm, n0, sc, masked ? &mask : nullptr);
+      return (yo.array() * p.dy.array()).sum();
+    };
+    const double same = rel_err(y, dora_frozen_norm_output(p, p.x, A, B, mm, n0, sc, masked ? &mask : nullptr));
+    INFO("layer output vs dense oracle: " << same);
+    REQUIRE(same <= 1e-13);
+    check("backward_parameters detached dA", dA, numerical_gradient(A, f));
+    check("backward_parameters detached dB", dB, numerical_gradient(B, f));
+    check("backward_parameters detached dm", dm, numerical_gradient(mm, f));
+  }
+}
+
+void check_lora_backward_parameters(const Shape& s, Run run) {
+  const double dropout = run == Run::train ? 0.0 : 0.25;
+  Problem p = make_problem(s, 500 + static_cast<std::uint64_t>(s.d_in), dropout, dora::NormGradient::detached, false);
+  dora::LoraLinear<double> params_only(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+  dora::LoraLinear<double> full(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+  if (run == Run::eval) {
+    params_only.eval();
+    full.eval();
+  }
+  params_only.seed_dropout(kMaskSeed);
+  full.seed_dropout(kMaskSeed);
+  REQUIRE(params_only.forward(p.x) == full.forward(p.x));
+  params_only.backward_parameters(p.dy);
+  M dx(s.batch, s.d_in);
+  full.backward(p.dy, dx);
+  check_same("LoRA dA", params_only.grad_lora_A(), full.grad_lora_A());
+  check_same("LoRA dB", params_only.grad_lora_B(), full.grad_lora_B());
+  CHECK_FALSE(params_only.has_saved_activations());
+  const M dA = params_only.grad_lora_A(), dB = params_only.grad_lora_B();
+  const std::function<double()> f = [&] { return layer_objective(params_only, p.x, p.dy); };
+  check("LoRA backward_parameters dA", dA, numerical_gradient(params_only.lora_A(), f));
+  check("LoRA backward_parameters dB", dB, numerical_gradient(params_only.lora_B(), f));
+}
+
+}  // namespace
+
+TEST_CASE("DoRA backward_parameters equals backward and central differences, exact and detached",
+          "[gradients][dora][backward_parameters]") {
+  for (const Shape& s : kShapes)
+    for (dora::NormGradient mode : {dora::NormGradient::exact, dora::NormGradient::detached})
+      for (Run run : {Run::train, Run::train_dropout, Run::eval}) {
+        INFO("d_out " << s.d_out << " d_in " << s.d_in << " r " << s.rank << " N " << s.batch << "; "
+                      << (mode == dora::NormGradient::exact ? "exact" : "detached") << "; " << run_name(run));
+        check_dora_backward_parameters(s, mode, run);
+      }
+}
+
+TEST_CASE("LoRA backward_parameters equals backward and central differences",
+          "[gradients][lora][backward_parameters]") {
+  for (const Shape& s : kShapes)
+    for (Run run : {Run::train, Run::train_dropout, Run::eval}) {
+      INFO("d_out " << s.d_out << " d_in " << s.d_in << " r " << s.rank << " N " << s.batch << "; " << run_name(run));
+      check_lora_backward_parameters(s, run);
+    }
+}
