@@ -274,6 +274,176 @@ TEST_CASE("Factored row norm equals the dense one and rows with heavy cancellati
   CHECK(rel_err(f, d) <= 1e-14);
 }
 
+// The dropout mask stream, pinned. The expected masks come from an MT19937-64 and a mask rule
+// written out here from their documented definitions, not from dora::detail::Rng:
+//  - MT19937-64 (Matsumoto and Nishimura; the parameters of std::mt19937_64 in [rand.predef]);
+//  - uniform in [0, 1) = (top 53 bits of a 64-bit draw) * 2^-53 (detail/random.hpp);
+//  - a layer made with config.seed = s draws its masks from the generator seeded with
+//    s ^ 0x9E3779B97F4A7C15 (its initialisation of A uses the generator seeded with s);
+//    seed_dropout(k) reseeds it with k as given;
+//  - mask entry = 0 if u < p else 1 / (1 - p), one draw per entry in row-major order (row by row),
+//    continuing across forwards; evaluation-mode forwards draw nothing.
+namespace {
+
+class ReferenceMt64 {
+ public:
+  explicit ReferenceMt64(std::uint64_t seed) {
+    state_[0] = seed;
+    for (int i = 1; i < kN; ++i)
+      state_[i] = 6364136223846793005ULL * (state_[i - 1] ^ (state_[i - 1] >> 62)) + static_cast<std::uint64_t>(i);
+  }
+  std::uint64_t next() {
+    if (index_ == kN) twist();
+    std::uint64_t y = state_[index_++];
+    y ^= (y >> 29) & 0x5555555555555555ULL;
+    y ^= (y << 17) & 0x71D67FFFEDA60000ULL;
+    y ^= (y << 37) & 0xFFF7EEE000000000ULL;
+    y ^= y >> 43;
+    return y;
+  }
+  double uniform() { return static_cast<double>(next() >> 11) / 9007199254740992.0; }  // 2^53
+
+ private:
+  void twist() {
+    for (int i = 0; i < kN; ++i) {
+      const std::uint64_t x = (state_[i] & kUpper) | (state_[(i + 1) % kN] & kLower);
+      std::uint64_t xa = x >> 1;
+      if ((x & 1U) != 0) xa ^= 0xB5026F5AA96619E9ULL;
+      state_[i] = state_[(i + kM) % kN] ^ xa;
+    }
+    index_ = 0;
+  }
+  static constexpr int kN = 312, kM = 156;
+  static constexpr std::uint64_t kUpper = 0xFFFFFFFF80000000ULL, kLower = 0x7FFFFFFFULL;
+  std::uint64_t state_[kN] = {};
+  int index_ = kN;
+};
+
+constexpr std::uint64_t kDropoutStream = 0x9E3779B97F4A7C15ULL;
+
+template <typename S>
+Mat<S> reference_mask(ReferenceMt64& gen, Eigen::Index rows, Eigen::Index cols, double p) {
+  Mat<S> mask(rows, cols);
+  const S keep = static_cast<S>(1.0 / (1.0 - p));
+  for (Eigen::Index i = 0; i < rows; ++i)
+    for (Eigen::Index j = 0; j < cols; ++j) mask(i, j) = gen.uniform() < p ? S(0) : keep;
+  return mask;
+}
+
+template <typename S>
+Eigen::Index mismatches(const Mat<S>& a, const Mat<S>& b) {
+  if (a.rows() != b.rows() || a.cols() != b.cols()) return std::max<Eigen::Index>(a.size(), b.size());
+  return (a.array() != b.array()).count();
+}
+
+struct MaskCase {
+  std::uint64_t seed;
+  Eigen::Index d_out, d_in, rank, batch;
+  double p;
+};
+const MaskCase kMaskCases[] = {{0, 4, 5, 2, 3, 0.3}, {42, 6, 9, 3, 7, 0.5}, {0xFFFFFFFFFFFFFFFFULL, 3, 17, 1, 4, 0.1}};
+
+template <typename S, typename Layer>
+void check_mask_stream(Layer& layer, const MaskCase& mc) {
+  const Mat<S> x1 = random_matrix<S>(mc.batch, mc.d_in, 60);
+  const Mat<S> x2 = random_matrix<S>(mc.batch + 2, mc.d_in, 61);
+  ReferenceMt64 gen(mc.seed ^ kDropoutStream);
+  layer.forward(x1);
+  Mat<S> expected = reference_mask<S>(gen, mc.batch, mc.d_in, mc.p);
+  INFO("first mask: " << mismatches(layer.dropout_mask(), expected) << " entries differ from the reference");
+  CHECK(mismatches(layer.dropout_mask(), expected) == 0);
+  // An evaluation forward draws nothing; the next training forward continues the stream.
+  layer.eval();
+  layer.forward(x2);
+  layer.train();
+  layer.forward(x2);
+  expected = reference_mask<S>(gen, mc.batch + 2, mc.d_in, mc.p);
+  INFO("second mask (after an evaluation forward): " << mismatches(layer.dropout_mask(), expected) << " differ");
+  CHECK(mismatches(layer.dropout_mask(), expected) == 0);
+  // seed_dropout(k) restarts the generator at k, reproducibly.
+  for (std::uint64_t k : {std::uint64_t{7}, mc.seed + 1}) {
+    ReferenceMt64 reseeded(k);
+    const Mat<S> after_seed = reference_mask<S>(reseeded, mc.batch, mc.d_in, mc.p);
+    layer.seed_dropout(k);
+    layer.forward(x1);
+    INFO("seed_dropout(" << k << "): " << mismatches(layer.dropout_mask(), after_seed) << " differ");
+    CHECK(mismatches(layer.dropout_mask(), after_seed) == 0);
+    layer.forward(x1);
+    CHECK(mismatches(layer.dropout_mask(), after_seed) > 0);  // the stream moved on
+    layer.seed_dropout(k);
+    layer.forward(x1);
+    CHECK(mismatches(layer.dropout_mask(), after_seed) == 0);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("The reference MT19937-64 of the mask test is the standard's", "[dropout][rng]") {
+  // [rand.predef]: the 10000th consecutive invocation of a default-constructed mt19937_64
+  // (seed 5489) produces 9981545732273789042.
+  ReferenceMt64 gen(5489);
+  for (int i = 1; i < 10000; ++i) gen.next();
+  CHECK(gen.next() == 9981545732273789042ULL);
+  // The library's generator is the same engine with the same conversion to [0, 1).
+  dora::detail::Rng rng(5489);
+  ReferenceMt64 again(5489);
+  for (int i = 0; i < 1000; ++i) REQUIRE(rng.uniform() == again.uniform());
+}
+
+TEMPLATE_TEST_CASE("Dropout masks for a seed are pinned: MT19937-64 at seed ^ 0x9E3779B97F4A7C15, 0 if u < p",
+                   "[dropout][rng]", float, double) {
+  using S = TestType;
+  for (const MaskCase& mc : kMaskCases) {
+    INFO("seed " << mc.seed << " d_out " << mc.d_out << " d_in " << mc.d_in << " N " << mc.batch << " p " << mc.p);
+    const Mat<S> W = random_matrix<S>(mc.d_out, mc.d_in, 62);
+    dora::AdapterConfig c;
+    c.rank = mc.rank;
+    c.dropout = mc.p;
+    c.seed = mc.seed;
+    dora::LoraLinear<S> lora(dora::borrow(W), c);
+    check_mask_stream<S>(lora, mc);
+    dora::DoraLinear<S> dora_layer(dora::borrow(W), c);
+    check_mask_stream<S>(dora_layer, mc);
+  }
+}
+
+TEMPLATE_TEST_CASE("The dropout stream is not the stream that initialised A", "[dropout][rng]", float, double) {
+  using S = TestType;
+  for (const MaskCase& mc : kMaskCases) {
+    INFO("seed " << mc.seed << " d_in " << mc.d_in << " r " << mc.rank << " p " << mc.p);
+    const Mat<S> W = random_matrix<S>(mc.d_out, mc.d_in, 63);
+    dora::AdapterConfig c;
+    c.rank = mc.rank;
+    c.dropout = mc.p;
+    c.seed = mc.seed;
+    dora::DoraLinear<S> layer(dora::borrow(W), c);
+    // A is drawn from the generator seeded with config.seed: A_k = -b + 2b u_k, b = 1/sqrt(d_in).
+    ReferenceMt64 init_stream(mc.seed);
+    const double bound = 1.0 / std::sqrt(static_cast<double>(mc.d_in));
+    Mat<S> expected_A(mc.rank, mc.d_in);
+    std::vector<double> u(static_cast<std::size_t>(expected_A.size()));
+    for (Eigen::Index k = 0; k < expected_A.size(); ++k) {
+      u[static_cast<std::size_t>(k)] = init_stream.uniform();
+      expected_A.data()[k] = static_cast<S>(-bound + (bound - -bound) * u[static_cast<std::size_t>(k)]);
+    }
+    // (Not bitwise: a build may contract lo + (hi - lo) u into an FMA in one place and not the other.)
+    const double A_err = rel_err(layer.lora_A(), expected_A);
+    INFO("A vs the reference init stream: " << A_err);
+    CHECK(A_err <= (std::is_same<S, float>::value ? 1e-6 : 1e-15));
+    // The masks of a long enough batch are not A's draws thresholded at p, in either order.
+    const Eigen::Index batch = (expected_A.size() + mc.d_in - 1) / mc.d_in;
+    layer.forward(random_matrix<S>(batch, mc.d_in, 64));
+    const Mat<S>& mask = layer.dropout_mask();
+    Eigen::Index agree = 0;
+    for (Eigen::Index k = 0; k < expected_A.size(); ++k)
+      agree += (mask.data()[k] == S(0)) == (u[static_cast<std::size_t>(k)] < mc.p) ? 1 : 0;
+    INFO(agree << " of " << expected_A.size() << " mask entries agree with A's draws thresholded at p");
+    CHECK(agree < expected_A.size());
+    ReferenceMt64 replay(mc.seed);
+    CHECK(mismatches(mask, reference_mask<S>(replay, batch, mc.d_in, mc.p)) > 0);
+  }
+}
+
 namespace {
 
 template <typename S>
