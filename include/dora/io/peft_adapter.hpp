@@ -16,7 +16,10 @@
 // n = row norms of W + s B A (DoRA), computed in double from the stored values and rounded once to
 // the output dtype. An inactive row (n = 0, or m / n overflowing with finite m and n) merges to
 // zero: the library's one rule, dora::inactive_row in dora/magnitude.hpp (PEFT would give inf or
-// NaN there). fan_in_fan_out = true (GPT-2 style Conv1D) means the base weight is stored
+// NaN there). n is computed as DoraLinear computes it where the rule depends on it: a plain sum of
+// squares where that is finite and far from underflow, otherwise Eigen's scaled stableNorm of the
+// row, so a row whose squares overflow or underflow is neither zeroed nor kept where the layer
+// would do otherwise. fan_in_fan_out = true (GPT-2 style Conv1D) means the base weight is stored
 // transposed, [d_in, d_out]; the merge reads and writes it in that layout.
 //
 // Dtypes: adapter tensors (lora_A, lora_B, magnitude) and adapted base weights must be F16, BF16,
@@ -770,9 +773,34 @@ struct BaseTensor {
   const TensorInfo* info;
 };
 
+/// n_j = ||W_j + s B_j A|| for output feature j, computed as DoraLinear's row norm falls back to
+/// (FactoredRowNorm::compute_with): the row formed by the same Eigen expression in double, then
+/// Eigen's scaled stableNorm, so that where the plain sum of squares overflows or underflows both
+/// give the same n bit for bit, and hence the same inactive-row decision (dora::inactive_row).
+/// W_j is row j of the stored weight, or column j when it is stored transposed.
+inline double scaled_row_norm(const PeftModule& m, const PeftModuleWeights<double>& w, const std::uint8_t* src,
+                              Dtype src_dtype, bool transposed, Eigen::Index j,
+                              Eigen::Matrix<double, 1, Eigen::Dynamic>& v) {
+  const std::size_t ies = dtype_size(src_dtype);
+  v.resize(m.d_in);
+  for (Eigen::Index k = 0; k < m.d_in; ++k) {
+    const Eigen::Index at = transposed ? k * m.d_out + j : j * m.d_in + k;
+    v[k] = load_as_double(src + static_cast<std::size_t>(at) * ies, src_dtype);
+  }
+  v.noalias() += m.scaling * w.B.row(j) * w.A;
+  return v.stableNorm();
+}
+
+/// Whether a sum of squares can be used as it is: finite and far enough above the underflow
+/// threshold that squares lost to underflow cannot matter (the layer's threshold, row_norm.hpp).
+inline bool plain_sum_of_squares_ok(double sq) {
+  return std::isfinite(sq) && sq >= std::numeric_limits<double>::min() / std::numeric_limits<double>::epsilon();
+}
+
 /// Computes the merged tensor of module `m` from the stored base weight (rows x cols in the
 /// stored layout) into `out` (encoded as out_dtype). Works on blocks of stored rows in double so
-/// that memory stays at one output tensor plus a few MB.
+/// that memory stays at one output tensor plus a few MB. DoRA row norms are plain sums of squares
+/// where those are safe and scaled_row_norm() elsewhere, as in DoraLinear.
 inline double merge_tensor(const PeftModule& m, const PeftModuleWeights<double>& w, const std::uint8_t* src,
                            Dtype src_dtype, bool transposed, std::uint8_t* out, Dtype out_dtype) {
   const Eigen::Index rows = transposed ? m.d_in : m.d_out;
@@ -794,6 +822,10 @@ inline double merge_tensor(const PeftModule& m, const PeftModuleWeights<double>&
   };
   // The DoRA scale of output feature i: the library's one rule (dora/magnitude.hpp).
   const auto scale_of = [](double mag, double n) { return magnitude_scale(mag, n); };
+  Eigen::Matrix<double, 1, Eigen::Dynamic> v;  // scaled_row_norm's workspace
+  const auto norm_of = [&](double sq, Eigen::Index j) {
+    return plain_sum_of_squares_ok(sq) ? std::sqrt(sq) : scaled_row_norm(m, w, src, src_dtype, transposed, j, v);
+  };
   Eigen::VectorXd g;
   if (m.use_dora && transposed) {
     // Output features are columns here: accumulate their squared norms over all row blocks first.
@@ -803,7 +835,7 @@ inline double merge_tensor(const PeftModule& m, const PeftModuleWeights<double>&
       nsq += V.colwise().squaredNorm().transpose();
     }
     g.resize(cols);
-    for (Eigen::Index i = 0; i < cols; ++i) g[i] = scale_of(w.magnitude[i], std::sqrt(nsq[i]));
+    for (Eigen::Index i = 0; i < cols; ++i) g[i] = scale_of(w.magnitude[i], norm_of(nsq[i], i));
   }
   double max_delta = 0.0;
   for (Eigen::Index i0 = 0; i0 < rows; i0 += block) {
@@ -813,7 +845,8 @@ inline double merge_tensor(const PeftModule& m, const PeftModuleWeights<double>&
       if (transposed) {
         V = V * g.asDiagonal();
       } else {
-        for (Eigen::Index i = 0; i < n; ++i) V.row(i) *= scale_of(w.magnitude[i0 + i], V.row(i).norm());
+        for (Eigen::Index i = 0; i < n; ++i)
+          V.row(i) *= scale_of(w.magnitude[i0 + i], norm_of(V.row(i).squaredNorm(), i0 + i));
       }
     }
     // NaN (a non-finite adapter or base) must show in the report, not vanish in std::max.
