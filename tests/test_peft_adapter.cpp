@@ -872,6 +872,13 @@ void require_same_tensors(const SafetensorsReader& a, const SafetensorsReader& b
   }
 }
 
+std::vector<std::string> names_containing(const std::string& dir, const std::string& part) {
+  std::vector<std::string> out;
+  for (const std::string& n : list_dir(dir))
+    if (n.find(part) != std::string::npos) out.push_back(n);
+  return out;
+}
+
 }  // namespace
 
 TEST_CASE("merge copies tensors of every dtype byte for byte, with and without --dtype", "[peft][merge][dtypes]") {
@@ -1157,5 +1164,120 @@ TEST_CASE("io merge and DoraLinear::merge agree on inactive, overflowing and und
         CHECK(max_ulp <= (i >= 1 && i <= 4 ? 1 : 8));
       }
     }
+  }
+}
+
+namespace {
+
+// A log stream that fails like a full disk after `lines` lines: with exceptions(badbit) set, the
+// merge sees std::ios_base::failure. When it fails it records the entries of `watch_dir` whose
+// names contain `watch_part`, and of the first such directory.
+class FailingLogBuf : public std::streambuf {
+ public:
+  FailingLogBuf(int lines, std::string watch_dir, std::string watch_part)
+      : lines_(lines), watch_dir_(std::move(watch_dir)), watch_part_(std::move(watch_part)) {}
+  std::vector<std::string> seen_beside, seen_inside;
+
+ protected:
+  std::streamsize xsputn(const char* s, std::streamsize n) override {
+    if (lines_ <= 0) {
+      if (seen_beside.empty()) {
+        seen_beside = names_containing(watch_dir_, watch_part_);
+        if (!seen_beside.empty()) seen_inside = list_dir(watch_dir_ + "/" + seen_beside.front());
+      }
+      return 0;  // nothing written: the stream sets badbit
+    }
+    lines_ -= static_cast<int>(std::count(s, s + n, '\n'));
+    return n;
+  }
+  int overflow(int c) override {
+    const char ch = static_cast<char>(c);
+    return xsputn(&ch, 1) == 1 ? c : traits_type::eof();
+  }
+
+ private:
+  int lines_;
+  std::string watch_dir_, watch_part_;
+};
+
+// Lowers the file size limit for the current process while alive (writes past it fail with EFBIG:
+// a quota or a full disk as write(2) reports it); SIGXFSZ is ignored meanwhile.
+struct FileSizeLimit {
+  rlimit old{};
+  void (*old_handler)(int) = nullptr;
+  explicit FileSizeLimit(rlim_t bytes) {
+    REQUIRE(::getrlimit(RLIMIT_FSIZE, &old) == 0);
+    old_handler = std::signal(SIGXFSZ, SIG_IGN);
+    rlimit lim = old;
+    lim.rlim_cur = bytes;
+    REQUIRE(::setrlimit(RLIMIT_FSIZE, &lim) == 0);
+  }
+  ~FileSizeLimit() {
+    ::setrlimit(RLIMIT_FSIZE, &old);
+    std::signal(SIGXFSZ, old_handler);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a sharded merge that fails after writing a shard leaves nothing behind", "[peft][merge][sharded][atomic]") {
+  const std::string dir = kData + "/dora_f32";
+  TempDir tmp;
+  // Shard 1: the two MLP modules (small); shard 2: the rest and a 1 MiB buffer written first.
+  const std::vector<std::uint8_t> big(std::size_t{1} << 20, 7);
+  {
+    const SafetensorsReader r(dir + "/base_model.safetensors");
+    SafetensorsWriter w(tmp / "with_big.safetensors");
+    w.set_metadata(r.metadata());
+    for (const TensorInfo& t : r.tensors()) w.add_raw(t.name, t.dtype, t.shape, r.raw(t.name), t.nbytes());
+    w.add_raw("a_big_buffer", Dtype::U8, {1 << 20}, big.data(), big.size());
+    w.finish();
+  }
+  std::vector<std::vector<std::string>> shards(2);
+  const SafetensorsReader with_big(tmp / "with_big.safetensors");
+  for (const TensorInfo& t : with_big.tensors())
+    if (t.name.rfind("mlp.", 0) == 0) shards[0].push_back(t.name);
+  shards[1].push_back("a_big_buffer");
+  for (const TensorInfo& t : with_big.tensors())
+    if (t.name.rfind("mlp.", 0) != 0 && t.name != "a_big_buffer") shards[1].push_back(t.name);
+  const std::string index = write_shards(tmp / "with_big.safetensors", tmp.path, shards);
+  const std::vector<std::string> before = list_dir(tmp.path);
+  const std::string out = tmp / "merged";
+
+  SECTION("shard 2 cannot be written (file size limit: EFBIG)") {
+    std::string msg = "<no error>";
+    {
+      const FileSizeLimit limit(256 << 10);  // shard 1 is ~12 KB, shard 2 over 1 MiB
+      try {
+        dora::io::merge_checkpoint(index, dir + "/adapter", out);
+      } catch (const std::exception& e) {
+        msg = e.what();
+      }
+    }
+    INFO("error: " << msg);
+    CHECK_THAT(msg, Catch::Contains("merged.tmp.") && Catch::Contains("/model-00002-of-00002.safetensors") &&
+                        Catch::Contains("write failed"));
+    CHECK(list_dir(tmp.path) == before);
+    CHECK(names_containing(tmp.path, ".tmp.").empty());
+    CHECK_FALSE(exists(out));
+  }
+  SECTION("the log stream fails while shard 2 is being written") {
+    FailingLogBuf buf(2, tmp.path, "merged.tmp.");  // shard 1 logs its two modules
+    std::ostream log(&buf);
+    log.exceptions(std::ios::badbit | std::ios::failbit);
+    MergeOptions opt;
+    opt.log = &log;
+    CHECK_THROWS_AS(dora::io::merge_checkpoint(index, dir + "/adapter", out, opt), std::ios_base::failure);
+    // When it failed, shard 1 was complete in the temporary directory and shard 2 half written.
+    INFO("beside the output at the failure: " << nlohmann::json(buf.seen_beside).dump()
+                                              << "; in the temporary directory: "
+                                              << nlohmann::json(buf.seen_inside).dump());
+    REQUIRE(buf.seen_beside.size() == 1);
+    REQUIRE(buf.seen_inside.size() == 2);
+    CHECK(buf.seen_inside[0] == "model-00001-of-00002.safetensors");
+    CHECK(buf.seen_inside[1].rfind("model-00002-of-00002.safetensors.tmp.", 0) == 0);
+    CHECK(list_dir(tmp.path) == before);
+    CHECK(names_containing(tmp.path, ".tmp.").empty());
+    CHECK_FALSE(exists(out));
   }
 }
