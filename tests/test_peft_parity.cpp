@@ -187,7 +187,7 @@ Distance distance(const Mat<float>& a, const Mat<double>& exact) {
 // once. merged_f64 is PEFT's own merge of the same values in float64: the exact merge. The claim
 // tested: dora's bf16 merge is the exact merge correctly rounded (<= 1 ulp for ties, measured 0),
 // never less accurate than PEFT's, and PEFT's differs from it in many elements.
-TEST_CASE("Adapters stored in bf16: dora's merge is the exact merge rounded once; PEFT's rounds every step",
+TEST_CASE("Adapters stored in bf16: dora merges exactly and rounds once, PEFT rounds every step",
           "[peft][merge][bf16]") {
   const std::string root = std::string(DORA_TEST_DATA_DIR) + "/peft";
   const nlohmann::json cases = read_json(root + "/cases_bf16_adapter.json");
