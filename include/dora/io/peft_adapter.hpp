@@ -44,7 +44,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
@@ -66,6 +65,7 @@
 #include <utility>
 #include <vector>
 
+#include "dora/detail/eigen.hpp"
 #include "dora/dora.hpp"
 #include "dora/io/safetensors.hpp"
 

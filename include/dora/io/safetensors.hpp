@@ -41,7 +41,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <cerrno>
 #include <cstddef>
@@ -60,6 +59,7 @@
 #include <utility>
 #include <vector>
 
+#include "dora/detail/eigen.hpp"
 #include "dora/io/detail/half.hpp"
 
 namespace dora::io {
