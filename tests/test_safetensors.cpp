@@ -193,6 +193,22 @@ TEST_CASE("dtype names and sizes are the reference implementation's", "[safetens
   for (const char* bad : {"", "f32", "F8", "F128", "FLOAT32", "F32 "}) REQUIRE_FALSE(detail::parse_dtype(bad, &parsed));
 }
 
+TEST_CASE("a Dtype value outside the enum is never written", "[safetensors][dtypes]") {
+  // Such a value can come from a cast of an unchecked integer; it has no name, no size, no header.
+  const Dtype bad = static_cast<Dtype>(99);
+  REQUIRE(std::string(dora::io::dtype_name(bad)) == "?");
+  REQUIRE(dora::io::dtype_bits(bad) == 0);
+  REQUIRE_FALSE(dora::io::dtype_is_convertible(bad));
+  const std::string dir = make_temp_dir();
+  SafetensorsStreamWriter s(dir + "/bad.safetensors");
+  REQUIRE_THROWS_WITH(s.declare("x", bad, {1}), Catch::Contains("tensor 'x': invalid Dtype value 99"));
+  SafetensorsWriter w(dir + "/bad2.safetensors");
+  const std::uint8_t byte = 0;
+  REQUIRE_THROWS_WITH(w.add_raw("y", bad, {1}, &byte, 1), Catch::Contains("tensor 'y': invalid Dtype value 99"));
+  REQUIRE(list_dir(dir).empty());
+  remove_dir(dir);
+}
+
 TEST_CASE("every dtype round trips through both writers and the reader byte for byte", "[safetensors][dtypes]") {
   const std::string dir = make_temp_dir();
   std::mt19937 rng(11);

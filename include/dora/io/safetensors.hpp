@@ -232,11 +232,12 @@ inline std::string dtype_list() {
   return s;
 }
 
-enum class SizeStatus { ok, negative, overflow, partial_byte };
+enum class SizeStatus { ok, negative, overflow, partial_byte, invalid_dtype };
 
 /// Byte count of a tensor as the reference computes it: elements x bits, which must not overflow
 /// size_t and must be a whole number of bytes (sub-byte dtypes), divided by 8.
 inline SizeStatus tensor_nbytes(const std::vector<std::int64_t>& shape, Dtype dtype, std::size_t* out) {
+  if (dtype_bits(dtype) == 0) return SizeStatus::invalid_dtype;  // a Dtype cast from an unchecked integer
   std::size_t n = 1;
   for (std::int64_t d : shape) {
     if (d < 0) return SizeStatus::negative;
@@ -253,6 +254,8 @@ inline SizeStatus tensor_nbytes(const std::vector<std::int64_t>& shape, Dtype dt
 inline std::string size_problem(SizeStatus st, const std::vector<std::int64_t>& shape, Dtype dtype) {
   const std::string what = "shape " + shape_string(shape) + " of " + dtype_name(dtype);
   switch (st) {
+    case SizeStatus::invalid_dtype:
+      return "invalid Dtype value " + std::to_string(static_cast<long long>(dtype));
     case SizeStatus::negative:
       return what + " has a negative entry";
     case SizeStatus::partial_byte:
@@ -833,8 +836,6 @@ class SafetensorsStreamWriter {
     require_state(State::Declaring, "declare('" + name + "') must come before begin()");
     if (name == "__metadata__") detail::fail_tensor(path_, name, "name is reserved for metadata");
     if (index_.count(name)) detail::fail_tensor(path_, name, "declared twice");
-    if (detail::dtype_desc(dtype) == nullptr)
-      detail::fail_tensor(path_, name, "invalid Dtype value " + std::to_string(static_cast<long long>(dtype)));
     std::size_t nbytes = 0;
     const detail::SizeStatus st = detail::tensor_nbytes(shape, dtype, &nbytes);
     if (st != detail::SizeStatus::ok) detail::fail_tensor(path_, name, detail::size_problem(st, shape, dtype));
