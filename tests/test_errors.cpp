@@ -114,6 +114,23 @@ TEMPLATE_TEST_CASE("Backward before forward, or twice after one forward, throws 
   layer.forward(Mat<S>::Zero(3, 4));
   layer.backward(Mat<S>::Zero(3, 6));
   CHECK_THROWS_AS(layer.backward(Mat<S>::Zero(3, 6)), std::logic_error);
+  // backward_parameters follows the same rules (exact mode included), and checks dy's shape.
+  for (dora::NormGradient mode : {dora::NormGradient::detached, dora::NormGradient::exact}) {
+    dora::AdapterConfig c = config(2);
+    c.norm_gradient = mode;
+    dora::DoraLinear<S> fresh(dora::borrow(W), c);
+    CHECK_THROWS_NAMING(fresh.backward_parameters(Mat<S>::Zero(3, 6)), std::logic_error,
+                        "backward needs a forward first");
+    fresh.forward(Mat<S>::Zero(3, 4));
+    CHECK_THROWS_NAMING(fresh.backward_parameters(Mat<S>::Zero(3, 5)), std::invalid_argument,
+                        "dy must be N x d_out = 3 x 6 (N from the last forward), got 3 x 5");
+    fresh.backward_parameters(Mat<S>::Zero(3, 6));
+    CHECK_THROWS_AS(fresh.backward_parameters(Mat<S>::Zero(3, 6)), std::logic_error);
+    CHECK_THROWS_AS(fresh.backward(Mat<S>::Zero(3, 6)), std::logic_error);
+  }
+  lora.forward(Mat<S>::Zero(3, 4));
+  lora.backward_parameters(Mat<S>::Zero(3, 6));
+  CHECK_THROWS_AS(lora.backward_parameters(Mat<S>::Zero(3, 6)), std::logic_error);
 }
 
 TEMPLATE_TEST_CASE("row_norm and row_norm_dense refuse factors of the wrong size, naming the sizes", "[errors]", float,
