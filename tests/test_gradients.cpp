@@ -384,3 +384,53 @@ TEST_CASE("LoRA backward_parameters equals backward and central differences",
       check_lora_backward_parameters(s, run);
     }
 }
+
+namespace {
+
+// Forward in one mode, switch, backward: the gradients are those of the forward that ran (its mask
+// or its absence), whatever the mode at backward time.
+template <typename Layer>
+void check_mode_switch(Layer& switched, Layer& steady, const Problem& p, bool train_forward) {
+  for (Layer* layer : {&switched, &steady}) {
+    layer->train(train_forward);
+    layer->seed_dropout(kMaskSeed);
+    layer->forward(p.x);
+  }
+  switched.train(!train_forward);
+  const M dx_switched = switched.backward(p.dy);
+  const M dx_steady = steady.backward(p.dy);
+  const double err_dx = rel_err(dx_switched, dx_steady);
+  const double err_dA = rel_err(switched.grad_lora_A(), steady.grad_lora_A());
+  const double err_dB = rel_err(switched.grad_lora_B(), steady.grad_lora_B());
+  INFO("forward in " << (train_forward ? "training" : "evaluation") << " mode, backward after switching: dx " << err_dx
+                     << " dA " << err_dA << " dB " << err_dB);
+  CHECK(err_dx <= kSamePathTolerance);
+  CHECK(err_dA <= kSamePathTolerance);
+  CHECK(err_dB <= kSamePathTolerance);
+  switched.zero_grad();
+  steady.zero_grad();
+}
+
+}  // namespace
+
+TEST_CASE("Backward uses the forward's dropout mask (or none) even if the mode changed in between",
+          "[gradients][dropout]") {
+  const Shape s{8, 6, 3, 4};
+  for (dora::NormGradient mode : {dora::NormGradient::exact, dora::NormGradient::detached}) {
+    INFO((mode == dora::NormGradient::exact ? "DoRA exact" : "DoRA detached"));
+    Problem p = make_problem(s, 600, 0.25, mode, false);
+    dora::DoraLinear<double> switched(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+    dora::DoraLinear<double> steady(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+    const V m = switched.magnitude().array() * (1.0 + 0.3 * random_vector<double>(s.d_out, 10).array());
+    switched.set_magnitude(m);
+    steady.set_magnitude(m);
+    check_mode_switch(switched, steady, p, true);
+    check_mode_switch(switched, steady, p, false);
+  }
+  Problem p = make_problem(s, 601, 0.25, dora::NormGradient::detached, false);
+  dora::LoraLinear<double> switched(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+  dora::LoraLinear<double> steady(dora::borrow(p.W, p.bias), p.config, p.A, p.B);
+  INFO("LoRA");
+  check_mode_switch(switched, steady, p, true);
+  check_mode_switch(switched, steady, p, false);
+}
