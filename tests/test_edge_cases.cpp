@@ -276,14 +276,11 @@ TEMPLATE_TEST_CASE("A row whose m / n overflows is inactive in the layer: the bi
   CHECK_FALSE(layer.merge().weight.row(2).allFinite());
 }
 
-// Known defect, hidden from the default run (run it with: test_edge_cases "[known-defect]"). With
-// the exact norm gradient, a row with a tiny n_i and a large but finite g_i = m_i / n_i gets
-// beta_i = -g_i dm_i / n_i, which overflows although the gradient it contributes,
-// s beta_i (P_i + s B_i K) ~ g_i dm_i |A| (P_i is of the order of n_i), is representable. Here:
-// float, n_3 ~ 1e-25, g_3 ~ 1e19: dA and dB come out inf; the same data in double gives finite
-// gradients well inside float's range. A fix would scale by n_i before multiplying (use
-// (-g_i dm_i) (P_i + s B_i K) / n_i), in dora_linear.hpp's norm_gradient_terms.
-TEST_CASE("Exact gradient of a row with tiny n and large finite m / n is finite", "[.][known-defect][magnitude]") {
+// With the exact norm gradient, a row with a tiny n_i and a large but finite g_i = m_i / n_i has
+// beta_i = -g_i dm_i / n_i beyond float's range although the gradient it contributes,
+// s beta_i (P_i + s B_i K) ~ g_i dm_i |A| (P_i is of the order of n_i), is representable: the layer
+// must never form beta_i (it was inf here once). Float, n_3 ~ 1e-25, g_3 ~ 1e19, against double.
+TEST_CASE("Exact gradient of a row with tiny n and large finite m / n is finite", "[magnitude]") {
   const Eigen::Index d_out = 5, d_in = 4, r = 2, N = 3;
   Mat<float> W = random_matrix<float>(d_out, d_in, 50);
   W.row(3) *= 1e-25f;

@@ -360,9 +360,10 @@ void check_mask_stream(Layer& layer, const MaskCase& mc) {
   expected = reference_mask<S>(gen, mc.batch + 2, mc.d_in, mc.p);
   INFO("second mask (after an evaluation forward): " << mismatches(layer.dropout_mask(), expected) << " differ");
   CHECK(mismatches(layer.dropout_mask(), expected) == 0);
-  // seed_dropout(k) restarts the generator at k, reproducibly.
-  for (std::uint64_t k : {std::uint64_t{7}, mc.seed + 1}) {
-    ReferenceMt64 reseeded(k);
+  // seed_dropout(k) restarts the generator at k (mixed with the stream constant), reproducibly;
+  // seed_dropout(config seed) is the stream a new layer starts with, not A's initialisation stream.
+  for (std::uint64_t k : {std::uint64_t{7}, mc.seed + 1, mc.seed}) {
+    ReferenceMt64 reseeded(k ^ kDropoutStream);
     const Mat<S> after_seed = reference_mask<S>(reseeded, mc.batch, mc.d_in, mc.p);
     layer.seed_dropout(k);
     layer.forward(x1);

@@ -7,7 +7,8 @@
 ///
 /// Rows with a zero direction (n_i = 0, or m_i / n_i overflowing) are inactive: g_i = 0, output =
 /// bias (plus the undropped base part under dropout), merged row = 0, dm_i = 0. The rule is
-/// dora::inactive_row in magnitude.hpp, shared with dora::io's merge. Non-finite m, W, A, B or x are not hidden: NaN/inf propagate.
+/// dora::inactive_row in magnitude.hpp, shared with dora::io's merge. Non-finite m, W, A, B or x are not hidden:
+/// NaN/inf propagate.
 
 #include <limits>
 
@@ -230,7 +231,7 @@ class DoraLinear : public detail::Adapter<Scalar> {
     n_div_.resize(d_out);
     g_.resize(d_out);
     dm_.resize(d_out);
-    beta_.resize(d_out);
+    beta_n_.resize(d_out);
     t_.resize(1, this->rank());
     Kb_.resize(this->rank(), this->rank());
     grad_m_ = VectorType::Zero(d_out);
@@ -305,9 +306,13 @@ class DoraLinear : public detail::Adapter<Scalar> {
   //   dB += s diag(beta) (P + s B K),   dA += s [(diag(beta) B)^T W + s ((diag(beta) B)^T B) A]
   // s (diag(beta) B)^T is built in the r rows of H below Gg (where P^T was): with stack, the
   // caller's product [Gg; s (diag(beta) B)^T] W then adds its share to dA.
+  // beta_i itself is never formed: on a row with a tiny n_i and a large finite g_i it overflows
+  // (float: n ~ 1e-25, g ~ 1e19) although its products are representable. beta_n_i = beta_i n_i =
+  // -g_i dm_i is, and so are (P + s B K)_i / n_i = (V_i A^T) / n_i (at most ||A||) and B_i / n_i
+  // wherever the true gradient is.
   void accumulate_norm_gradient(bool stack) {
     const Index r = this->rank();
-    beta_ = -(g_.array() * dm_.array() / n_div_.array()).matrix();
+    beta_n_ = -(g_.array() * dm_.array()).matrix();
     if (stacked_ == r) {
       norm_gradient_terms(H_.bottomRows(r), stack);
     } else {
@@ -325,9 +330,9 @@ class DoraLinear : public detail::Adapter<Scalar> {
     for (Index i = 0; i < this->d_out(); ++i) {
       // (P + s B K)_i one row at a time: no d_out x r buffer.
       t_.noalias() = this->B_.row(i) * norm_.K();
-      t_ = s * t_ + PT.col(i).transpose();
-      this->grad_B_.row(i) += (s * beta_[i]) * t_;
-      PT.col(i) = (s * beta_[i]) * this->B_.row(i).transpose();
+      t_ = (s * t_ + PT.col(i).transpose()) / n_div_[i];
+      this->grad_B_.row(i) += (s * beta_n_[i]) * t_;
+      PT.col(i) = (s * beta_n_[i]) * (this->B_.row(i).transpose() / n_div_[i]);
     }
     if (!stack) this->grad_A_.noalias() += PT * this->base_.weight;
     Kb_.noalias() = PT * this->B_;  // s (diag(beta) B)^T B
@@ -337,7 +342,7 @@ class DoraLinear : public detail::Adapter<Scalar> {
   VectorType m_, grad_m_;
   VectorType w_sq_;  // ||W_i||^2, fixed while W is
   detail::FactoredRowNorm<Scalar> norm_;
-  VectorType n_, n_div_, g_, dm_, beta_;
+  VectorType n_, n_div_, g_, dm_, beta_n_;
   MatrixType H_, Kb_;  // H: [h; P^T] after forward, [Gg; s (diag(beta) B)^T] in backward
   MatrixType Qt_;      // P^T when the forward did not stack A (allocated only then)
   Eigen::Matrix<Scalar, 1, Eigen::Dynamic> t_;

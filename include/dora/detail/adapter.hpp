@@ -76,8 +76,10 @@ class Adapter {
     B_ = B;
   }
 
-  /// Reseeds the dropout mask generator (the same seed gives the same masks).
-  void seed_dropout(std::uint64_t seed) { dropout_rng_.seed(seed); }
+  /// Reseeds the dropout mask generator: the same seed gives the same masks, and
+  /// seed_dropout(config().seed) restarts the stream a new layer starts with. The seed is mixed
+  /// with a constant so that masks never replay the draws that initialised A from the same seed.
+  void seed_dropout(std::uint64_t seed) { dropout_rng_.seed(seed ^ kDropoutStream); }
   /// The mask of the last training forward with dropout: entries 0 or 1/(1-p), N x d_in.
   const MatrixType& dropout_mask() const { return mask_; }
 
@@ -105,13 +107,14 @@ class Adapter {
   void setup() {
     config_.validate();
     scaling_ = static_cast<Scalar>(config_.scaling());
-    // Distinct stream from the initialisation so that masks do not repeat A's numbers.
-    dropout_rng_.seed(config_.seed ^ 0x9E3779B97F4A7C15ULL);
+    seed_dropout(config_.seed);
     grad_A_ = MatrixType::Zero(config_.rank, d_in());
     grad_B_ = MatrixType::Zero(d_out(), config_.rank);
   }
 
   bool dropout_active() const { return training_ && config_.dropout > 0.0; }
+
+  static constexpr std::uint64_t kDropoutStream = 0x9E3779B97F4A7C15ULL;
 
   void check_input(const Eigen::Ref<const MatrixType>& x, const Eigen::Ref<MatrixType>& y) const {
     DORA_CHECK_ARG(x.cols() == d_in(), "x must have d_in = ", d_in(), " columns, got ", x.rows(), " x ", x.cols());
