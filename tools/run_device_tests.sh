@@ -15,6 +15,6 @@ mkdir -p "$out"
   cmake -S . -B /tmp/build-device -DCMAKE_BUILD_TYPE=Release -DDORA_WERROR=ON -DDORA_NATIVE=ON \
     -DDORA_BUILD_BENCH=OFF -DDORA_BUILD_EXAMPLES=OFF -DCMAKE_PREFIX_PATH="$PWD/.device-carry/prefix/usr" >/dev/null
   cmake --build /tmp/build-device -j"$(nproc)" > /tmp/device-build.log 2>&1 || { tail -40 /tmp/device-build.log; exit 1; }
-  grep -E "warning|error" /tmp/device-build.log || echo "build: no warnings"
+  grep -E "warning:|error:" /tmp/device-build.log || echo "build: no warnings"
   ctest --test-dir /tmp/build-device -j"$(nproc)" 2>&1 | tail -15
 } 2>&1 | tee "$out/tests.txt"
