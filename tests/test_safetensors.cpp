@@ -3,7 +3,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
