@@ -23,8 +23,9 @@
 // duplicate JSON keys are rejected (serde would reject them too; nlohmann would silently keep the
 // last one).
 //
-// Every failure, in the reader and in the writers, throws dora::io::SafetensorsError whose message
-// starts with "safetensors: <file>: " and names the tensor when one is involved.
+// Every failure, in the reader and in the writers, throws dora::io::SafetensorsError (an IoError,
+// dora/io/error.hpp) whose message starts with "safetensors: <file>: " and names the tensor when
+// one is involved.
 //
 // Rank 0 (shape []) tensors hold one element; matrix() reads them as 1 x 1, vector() rejects them.
 //
@@ -61,6 +62,7 @@
 
 #include "dora/detail/eigen.hpp"
 #include "dora/io/detail/half.hpp"
+#include "dora/io/error.hpp"
 
 namespace dora::io {
 
@@ -162,12 +164,7 @@ inline bool dtype_is_convertible(Dtype d) {
   return d == Dtype::F16 || d == Dtype::BF16 || d == Dtype::F32 || d == Dtype::F64;
 }
 
-/// The one exception type of dora::io. The message names the file ("<memory>" or the label given
-/// to from_memory) and, where one is involved, the tensor.
-class SafetensorsError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
+// SafetensorsError (derived from dora::io::IoError) is declared in dora/io/error.hpp.
 
 struct TensorInfo {
   std::string name;
