@@ -22,13 +22,17 @@
 #include <dora/io/peft_adapter.hpp>
 #include <fstream>
 #include <ios>
+#include <iostream>
 #include <iterator>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <ostream>
+#include <sstream>
+#include <stdexcept>
 #include <streambuf>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "test_support.hpp"
@@ -1294,4 +1298,358 @@ TEST_CASE("a sharded merge that fails after writing a shard leaves nothing behin
     CHECK(names_containing(tmp.path, ".tmp.").empty());
     CHECK_FALSE(exists(out));
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding and ConvNd modules (tests/data/layers, made by real PEFT 0.21: W, A, B, m, bias and
+// PEFT's merge_and_unload result W_merged). Each case becomes an adapter directory with PEFT's key
+// names and shapes plus a one-module base checkpoint, and merge_checkpoint's result is compared
+// with W_merged.
+
+namespace {
+
+const std::string kLayers = std::string(DORA_TEST_DATA_DIR) + "/layers";
+
+std::vector<std::string> layer_cases() {
+  std::vector<std::string> names;
+  for (const auto& n : read_json(kLayers + "/index.json")) names.push_back(n.get<std::string>());
+  return names;
+}
+
+// Copies tensor `from` of `r` into `w` as `to`, with its bytes as stored and `shape` (default: its own).
+void copy_tensor(const SafetensorsReader& r, const std::string& from, SafetensorsWriter& w, const std::string& to,
+                 std::vector<std::int64_t> shape = {}) {
+  const TensorInfo& t = r.info(from);
+  w.add_raw(to, t.dtype, shape.empty() ? t.shape : shape, r.raw(from), t.nbytes());
+}
+
+struct LayerCase {
+  std::string name;
+  nlohmann::json meta;
+  bool embedding = false, dora = false, f64 = false;
+};
+
+LayerCase layer_case(const std::string& name) {
+  LayerCase c;
+  c.name = name;
+  c.meta = read_json(kLayers + "/" + name + ".json");
+  c.embedding = c.meta.at("layer").get<std::string>() == "embedding";
+  c.dora = c.meta.at("kind").get<std::string>() == "dora";
+  c.f64 = c.meta.at("dtype").get<std::string>() == "float64";
+  return c;
+}
+
+// Writes `dir`/adapter (PEFT's names: module "layer") and `dir`/base.safetensors from a layer case.
+// magnitude_flat: store a conv's magnitude as [out] instead of PEFT's [1, out, 1...].
+void write_layer_case(const LayerCase& c, const std::string& dir, bool magnitude_flat = false) {
+  const SafetensorsReader r(kLayers + "/" + c.name + ".safetensors");
+  const std::string ad = dir + "/adapter";
+  REQUIRE(::mkdir(ad.c_str(), 0755) == 0);
+  nlohmann::json cfg = {{"peft_type", "LORA"},
+                        {"r", c.meta.at("r")},
+                        {"lora_alpha", c.meta.at("alpha")},
+                        {"use_dora", c.dora},
+                        {"use_rslora", c.meta.at("use_rslora")},
+                        {"target_modules", {"layer"}},
+                        {"bias", "none"},
+                        {"lora_dropout", 0.0}};
+  write_text(ad + "/adapter_config.json", cfg.dump(2));
+  {
+    SafetensorsWriter w(ad + "/adapter_model.safetensors");
+    const std::string p = "base_model.model.layer.";
+    copy_tensor(r, "A", w, p + (c.embedding ? "lora_embedding_A" : "lora_A.weight"));
+    copy_tensor(r, "B", w, p + (c.embedding ? "lora_embedding_B" : "lora_B.weight"));
+    if (c.dora) {
+      std::vector<std::int64_t> shape;
+      if (magnitude_flat) shape = {r.info("m").numel()};
+      copy_tensor(r, "m", w, p + "lora_magnitude_vector", shape);
+    }
+    w.finish();
+  }
+  SafetensorsWriter b(dir + "/base.safetensors");
+  copy_tensor(r, "W", b, "layer.weight");
+  if (r.contains("bias")) copy_tensor(r, "bias", b, "layer.bias");
+  b.finish();
+}
+
+}  // namespace
+
+TEST_CASE("Embedding and Conv1d/2d/3d adapters merge as PEFT's merge_and_unload", "[peft][merge][layers]") {
+  int merged_cases = 0, refused_cases = 0, flat_cases = 0;
+  const std::vector<std::string> names = layer_cases();
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    const std::string& name = names[i];
+    const LayerCase c = layer_case(name);
+    const SafetensorsReader ref(kLayers + "/" + name + ".safetensors");
+    // Conv magnitudes: PEFT's [1, out, 1...], and [out] for the DoRA conv cases at odd positions.
+    const bool flat = !c.embedding && c.dora && i % 2 == 1;
+    flat_cases += flat;
+    {
+      INFO("case " << name << (flat ? " (magnitude stored as [out])" : ""));
+      TempDir tmp;
+      write_layer_case(c, tmp.path, flat);
+      const PeftAdapter adapter(tmp / "adapter");
+      REQUIRE(adapter.modules().size() == 1);
+      const dora::io::PeftModule& m = adapter.modules()[0];
+      CHECK(m.kind == (c.embedding ? dora::io::ModuleKind::embedding : dora::io::ModuleKind::conv));
+      CHECK(m.scaling == Approx(c.meta.at("scaling").get<double>()).epsilon(1e-15));
+      CHECK(m.base_shape(false) == ref.info("W").shape);
+      if (!ref.contains("W_merged")) {
+        // Grouped convolutions: PEFT refuses to merge them (refused.json), and so do we.
+        CHECK(m.groups == c.meta.at("groups").get<Eigen::Index>());
+        expect_merge_error(tmp / "base.safetensors", tmp / "adapter", TempDir(),
+                           {"module 'layer'", "groups = 2", "cannot be merged", "PEFT 0.21 refuses"});
+        ++refused_cases;
+        continue;
+      }
+      const std::string out = tmp / "merged.safetensors";
+      const dora::io::MergeReport rep = dora::io::merge_checkpoint(tmp / "base.safetensors", tmp / "adapter", out);
+      REQUIRE(rep.merged.size() == 1);
+      CHECK(rep.merged[0].kind == m.kind_name());
+      const SafetensorsReader ours(out);
+      CHECK(ours.info("layer.weight").shape == ref.info("W_merged").shape);
+      CHECK(ours.info("layer.weight").dtype == ref.info("W_merged").dtype);
+      const Eigen::Index rows = ref.info("W").shape[0];
+      const Eigen::Index cols = ref.info("W").numel() / rows;
+      const double err = rel_err(ours.reshaped<double>("layer.weight", rows, cols),
+                                 ref.reshaped<double>("W_merged", rows, cols));
+      const double tol = c.f64 ? 1e-12 : 1e-6;
+      std::cout << name << " (" << m.kind_name() << ", " << (c.dora ? "DoRA" : "LoRA") << ", "
+                << (c.f64 ? "f64" : "f32") << "): merged weight vs PEFT's W_merged, relative error " << err
+                << " (tolerance " << tol << ")\n";
+      INFO(name << ": relative error " << err << ", tolerance " << tol);
+      CHECK(err <= tol);
+      if (ref.contains("bias")) {
+        const TensorInfo& bt = ref.info("bias");
+        CHECK(std::memcmp(ours.raw("layer.bias"), ref.raw("bias"), bt.nbytes()) == 0);
+      }
+      ++merged_cases;
+    }
+  }
+  std::cout << "layer cases merged: " << merged_cases << " (" << flat_cases
+            << " with a conv magnitude stored as [out]), refused (groups > 1): " << refused_cases << "\n";
+  CHECK(merged_cases == 25);
+  CHECK(refused_cases == 2);
+  CHECK(flat_cases > 0);
+}
+
+TEST_CASE("inspect lists Embedding and Conv modules with their type", "[peft][inspect][layers]") {
+  for (const char* name : {"embedding_dora_f64", "conv3d_dora_f64_bias", "conv2d_lora_f64_groups2", "conv1d_lora_f64_bias"}) {
+    DYNAMIC_SECTION(name) {
+      const LayerCase c = layer_case(name);
+      TempDir tmp;
+      write_layer_case(c, tmp.path);
+      std::ostringstream s;
+      dora::io::inspect_adapter(PeftAdapter(tmp / "adapter"), s);
+      std::cout << s.str();
+      const std::string expect = std::string(name) == "embedding_dora_f64"     ? "layer  [20, 12]  rank 4"
+                                 : std::string(name) == "conv3d_dora_f64_bias" ? "layer  [4, 2, 3, 3, 3]  rank 2"
+                                 : std::string(name) == "conv1d_lora_f64_bias" ? "layer  [6, 4, 3]  rank 4"
+                                                                               : "layer  [6, 2, 3, 3]  rank 4";
+      CHECK(s.str().find(expect) != std::string::npos);
+      const std::string kind = std::string(name) == "embedding_dora_f64"     ? "  Embedding\n"
+                               : std::string(name) == "conv3d_dora_f64_bias" ? "  Conv3d\n"
+                               : std::string(name) == "conv1d_lora_f64_bias" ? "  Conv1d\n"
+                                                                             : "  Conv2d (groups 2: not mergeable";
+      CHECK(s.str().find(kind) != std::string::npos);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A real checkpoint layout (tests/data/peft_layers, tools/make_llama_reference.py): a tiny random
+// LlamaForCausalLM saved by transformers, a PEFT 0.21 DoRA adapter on every projection plus
+// embed_tokens (Embedding) and lm_head, saved with PEFT's save_embedding_layers (the adapter carries
+// both base_layer weights), and PEFT's merge_and_unload() saved by transformers.
+
+namespace {
+
+const std::string kLlama = std::string(DORA_TEST_DATA_DIR) + "/peft_layers";
+
+// Compares every tensor of `ours` with PEFT's merged checkpoint `peft`: float32 within 1e-6
+// relative per tensor; bfloat16 within 1 bf16 ulp per element (PEFT merges in float32, the
+// adapter's dtype, and rounds once; we merge in double and round once: the two roundings can land
+// on neighbouring bf16 values where the float32 result sits next to a rounding boundary).
+// Unadapted tensors must be equal byte for byte.
+void compare_llama(const std::vector<std::string>& ours_files, const std::string& peft_file, bool bf16,
+                   const std::string& label) {
+  std::vector<SafetensorsReader> ours;
+  for (const std::string& f : ours_files) ours.emplace_back(f);
+  const auto find = [&](const std::string& name) -> const SafetensorsReader& {
+    for (const SafetensorsReader& r : ours)
+      if (r.contains(name)) return r;
+    FAIL("tensor " << name << " missing from the output");
+    return ours[0];
+  };
+  const SafetensorsReader peft(peft_file);
+  std::size_t total = 0;
+  for (const SafetensorsReader& r : ours) total += r.tensors().size();
+  CHECK(total == peft.tensors().size());
+  double worst = 0.0;
+  int worst_ulp = 0;
+  long ulp_differ = 0;
+  for (const TensorInfo& t : peft.tensors()) {
+    const SafetensorsReader& o = find(t.name);
+    const TensorInfo& ot = o.info(t.name);
+    CHECK(ot.dtype == t.dtype);
+    CHECK(ot.shape == t.shape);
+    const Eigen::Index rows = t.shape.empty() ? 1 : t.shape[0];
+    const Eigen::Index cols = rows == 0 ? 0 : t.numel() / rows;
+    if (!bf16) {
+      const double err = rel_err(o.reshaped<double>(t.name, rows, cols), peft.reshaped<double>(t.name, rows, cols));
+      worst = std::max(worst, err);
+      INFO(label << " " << t.name << ": relative error vs PEFT " << err << " (tolerance 1e-6)");
+      CHECK(err <= 1e-6);
+    } else {
+      const UlpStats s = ulp_stats(o.reshaped<float>(t.name, rows, cols), peft.reshaped<float>(t.name, rows, cols));
+      worst_ulp = std::max(worst_ulp, s.max);
+      ulp_differ += s.over0;
+      INFO(label << " " << t.name << ": bf16 ulp distance to PEFT: max " << s.max << ", " << s.over0 << " of " << s.n
+                 << " elements differ (tolerance 1 ulp)");
+      CHECK(s.max <= 1);
+    }
+  }
+  if (!bf16)
+    std::cout << label << ": largest relative error vs PEFT's merge_and_unload over " << peft.tensors().size()
+              << " tensors: " << worst << " (tolerance 1e-6)\n";
+  else
+    std::cout << label << ": largest bf16 ulp distance to PEFT's merge_and_unload: " << worst_ulp << ", "
+              << ulp_differ << " elements differ (tolerance 1 ulp)\n";
+}
+
+}  // namespace
+
+TEST_CASE("a real Llama checkpoint: embed_tokens, lm_head and every projection merge as merge_and_unload",
+          "[peft][merge][llama]") {
+  for (const char* variant : {"f32", "bf16"}) {
+    DYNAMIC_SECTION(variant) {
+      const std::string dir = kLlama + "/llama_" + variant;
+      const PeftAdapter adapter(dir + "/adapter");
+      REQUIRE(adapter.modules().size() == 16);
+      const dora::io::PeftModule& emb = adapter.module("model.embed_tokens");
+      CHECK(emb.kind == dora::io::ModuleKind::embedding);
+      CHECK(emb.rank == 8);  // rank_pattern {"embed_tokens": 8}
+      CHECK(emb.d_out == 64);
+      CHECK(emb.d_in == 128);
+      CHECK_FALSE(emb.key_base_weight.empty());
+      CHECK_FALSE(adapter.module("lm_head").key_base_weight.empty());
+      CHECK(adapter.module("model.layers.1.self_attn.o_proj").scaling == 1.0);  // alpha_pattern {"o_proj": 4}
+      TempDir tmp;
+      const std::string out = tmp / "merged.safetensors";
+      const dora::io::MergeReport rep = dora::io::merge_checkpoint(dir + "/base/model.safetensors", dir + "/adapter", out);
+      CHECK(rep.merged.size() == 16);
+      int embeddings = 0;
+      for (const dora::io::MergedModule& m : rep.merged) embeddings += m.kind == "Embedding";
+      CHECK(embeddings == 1);
+      compare_llama({out}, dir + "/merged/model.safetensors", std::string(variant) == "bf16",
+                    std::string("llama ") + variant);
+    }
+  }
+}
+
+TEST_CASE("a real Llama checkpoint, sharded by transformers, merges into the same shards", "[peft][merge][llama]") {
+  const std::string dir = kLlama + "/llama_f32";
+  TempDir tmp;
+  const std::string out = tmp / "merged";
+  const dora::io::MergeReport rep =
+      dora::io::merge_checkpoint(dir + "/base_sharded/model.safetensors.index.json", dir + "/adapter", out);
+  CHECK(rep.merged.size() == 16);
+  std::vector<std::string> shards;
+  for (const std::string& n : list_dir(out))
+    if (n != "model.safetensors.index.json") shards.push_back(out + "/" + n);
+  CHECK(shards.size() == 4);
+  compare_llama(shards, dir + "/merged/model.safetensors", false, "llama f32 sharded");
+}
+
+TEST_CASE("the base weight saved in the adapter (save_embedding_layers) is what gets merged", "[peft][merge][llama]") {
+  // PEFT's load puts base_layer.weight into the model, so the checkpoint's own embed_tokens and
+  // lm_head weights do not matter: zero them, and the merge must still be PEFT's.
+  const std::string dir = kLlama + "/llama_f32";
+  TempDir tmp;
+  rewrite(dir + "/base/model.safetensors", tmp / "base.safetensors",
+          [](const std::string& n, MatD* m, std::vector<std::int64_t>*) {
+            if (n == "model.embed_tokens.weight" || n == "lm_head.weight") m->setZero();
+            return true;
+          });
+  const std::string out = tmp / "merged.safetensors";
+  dora::io::merge_checkpoint(tmp / "base.safetensors", dir + "/adapter", out);
+  compare_llama({out}, dir + "/merged/model.safetensors", false, "llama f32, checkpoint's embeddings zeroed");
+  SECTION("a saved base weight whose shape differs from the checkpoint's is refused, naming both") {
+    TempDir bad, outdir;
+    rewrite(dir + "/base/model.safetensors", bad / "base.safetensors",
+            [](const std::string& n, MatD* m, std::vector<std::int64_t>* shape) {
+              if (n == "model.embed_tokens.weight") {
+                *m = MatD::Zero(m->rows() + 2, m->cols());  // a resized vocabulary
+                *shape = {m->rows(), m->cols()};
+              }
+              return true;
+            });
+    expect_merge_error(bad / "base.safetensors", dir + "/adapter", outdir,
+                       {"'model.embed_tokens.weight'", "[130, 64]", "needs [128, 64]", "Embedding"});
+  }
+}
+
+TEST_CASE("merge progress: one call before the first tensor, one after each, counts only grow", "[peft][merge][progress]") {
+  for (const bool sharded : {false, true}) {
+    DYNAMIC_SECTION((sharded ? "sharded" : "single file")) {
+      const std::string dir = kLlama + "/llama_f32";
+      const std::string base =
+          sharded ? dir + "/base_sharded/model.safetensors.index.json" : dir + "/base/model.safetensors";
+      std::size_t tensors = 0, bytes = 0;
+      if (sharded) {
+        for (const std::string& n : list_dir(dir + "/base_sharded"))
+          if (n.size() > 12 && n.compare(n.size() - 12, 12, ".safetensors") == 0) {
+            const SafetensorsReader r(dir + "/base_sharded/" + n);
+            for (const TensorInfo& t : r.tensors()) bytes += t.nbytes();
+            tensors += r.tensors().size();
+          }
+      } else {
+        const SafetensorsReader r(base);
+        for (const TensorInfo& t : r.tensors()) bytes += t.nbytes();
+        tensors = r.tensors().size();
+      }
+      std::vector<dora::io::MergeProgress> calls;
+      MergeOptions options;
+      options.progress = [&calls](const dora::io::MergeProgress& p) { calls.push_back(p); };
+      TempDir tmp;
+      dora::io::merge_checkpoint(base, dir + "/adapter", tmp / "out", options);
+      std::cout << "progress (" << (sharded ? "sharded" : "single file") << "): " << calls.size() << " calls for "
+                << tensors << " tensors, " << bytes << " bytes\n";
+      REQUIRE(calls.size() == tensors + 1);
+      CHECK(calls.front().tensors_done == 0);
+      CHECK(calls.front().bytes_done == 0);
+      CHECK(calls.front().tensor.empty());
+      for (std::size_t i = 0; i < calls.size(); ++i) {
+        INFO("call " << i << ": " << calls[i].tensors_done << "/" << calls[i].tensors_total << " tensors, "
+                     << calls[i].bytes_done << "/" << calls[i].bytes_total << " bytes");
+        CHECK(calls[i].tensors_total == tensors);
+        CHECK(calls[i].bytes_total == bytes);
+        CHECK(calls[i].tensors_done == i);
+        if (i > 0) {
+          CHECK(calls[i].bytes_done > calls[i - 1].bytes_done);
+          CHECK_FALSE(calls[i].tensor.empty());
+        }
+      }
+      CHECK(calls.back().tensors_done == calls.back().tensors_total);
+      CHECK(calls.back().bytes_done == calls.back().bytes_total);
+    }
+  }
+  SECTION("an exception from the callback aborts the merge and leaves nothing") {
+    TempDir outdir;
+    MergeOptions options;
+    int n = 0;
+    options.progress = [&n](const dora::io::MergeProgress&) {
+      if (++n == 5) throw std::runtime_error("stop at the 4th tensor");
+    };
+    expect_merge_error(kLlama + "/llama_f32/base/model.safetensors", kLlama + "/llama_f32/adapter", outdir,
+                       {"stop at the 4th tensor"}, options);
+  }
+}
+
+TEST_CASE("every io error is a dora::io::IoError", "[peft][errors]") {
+  CHECK_THROWS_AS(PeftAdapter("/nonexistent/adapter"), dora::io::IoError);
+  CHECK_THROWS_AS(SafetensorsReader("/nonexistent/x.safetensors"), dora::io::IoError);
+  CHECK_THROWS_AS(PeftAdapter("/nonexistent/adapter"), dora::io::SafetensorsError);  // as before IoError existed
+  static_assert(std::is_base_of<dora::io::IoError, dora::io::PeftError>::value, "PeftError is an IoError");
+  static_assert(std::is_base_of<std::runtime_error, dora::io::IoError>::value, "IoError is a runtime_error");
 }

@@ -25,6 +25,7 @@
 // clang-format on
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -46,6 +47,13 @@
 
 namespace dora::io {
 
+/// How far merge_checkpoint has got (MergeOptions::progress).
+struct MergeProgress {
+  std::size_t tensors_done = 0, tensors_total = 0;  ///< tensors of the base checkpoint, all shards
+  std::size_t bytes_done = 0, bytes_total = 0;      ///< their bytes as stored in the base (input)
+  std::string tensor;                               ///< the tensor just written ("" before the first)
+};
+
 /// Options of merge_checkpoint (the dora-merge tool).
 struct MergeOptions {
   /// Output dtype of the floating tensors (F16, BF16, F32, F64: adapted weights and the others),
@@ -55,10 +63,17 @@ struct MergeOptions {
   std::optional<Dtype> dtype;
   /// One line per merged module is written here when not null.
   std::ostream* log = nullptr;
+  /// Called once before the first tensor is written (nothing done yet) and after every tensor of
+  /// the output (merged, converted or copied), in the calling thread. The counts only grow, and
+  /// the last call has tensors_done == tensors_total and bytes_done == bytes_total. Keep it cheap
+  /// (a terminal display should throttle itself); an exception thrown from it aborts the merge,
+  /// leaving no output, like any other failure.
+  std::function<void(const MergeProgress&)> progress;
 };
 
 struct MergedModule {
   std::string tensor;  ///< "<path>.weight"
+  std::string kind;    ///< "Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d" (PeftModule::kind_name)
   std::vector<std::int64_t> shape;
   Eigen::Index rank = 0;
   bool use_dora = false;
@@ -256,7 +271,7 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
                           " is not one of F16, BF16, F32, F64 (MergeOptions::dtype converts floating tensors only)");
   const PeftAdapter adapter(adapter_dir);
   detail::BaseCheckpoint ckpt(base);
-  const bool transposed = adapter.config().fan_in_fan_out;
+  const bool fan_in_fan_out = adapter.config().fan_in_fan_out;
 
   // Validate every module against the base before anything is written.
   std::map<std::string, const PeftModule*> module_of;  // base tensor name -> module
@@ -269,11 +284,17 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
                                    "' (tensor '" + m.key_A + "') but the base checkpoint has no such weight");
     const TensorInfo& t = *it->second.info;
     const std::string& file = ckpt.tensor_file.at(wname);
-    if (t.shape.size() != 2)
-      detail::peft_fail_tensor(file, wname,
-                               "has shape " + detail::shape_string(t.shape) + " but module '" + m.path + "' of " +
-                                   adapter.weights_file() + " is a linear layer (rank-2 weight)");
-    adapter.check_base_shape(m, t.shape[0], t.shape[1], transposed, file, wname);
+    // PEFT 0.21 raises NotImplementedError("Merging is not supported for _ConvNd layers with
+    // groups > 1!"): its low-rank path is dense over all input channels, which no grouped kernel of
+    // the base's shape reproduces, so there is no merged weight to compute.
+    if (m.kind == ModuleKind::conv && m.groups > 1)
+      detail::peft_fail_tensor(adapter.weights_file(), m.key_B,
+                               m.kind_name() + " module '" + m.path + "' has groups = " + std::to_string(m.groups) +
+                                   " (lora_B " + detail::shape_string(adapter.tensors().info(m.key_B).shape) +
+                                   ", rank " + std::to_string(m.rank) +
+                                   "): a grouped convolution cannot be merged (PEFT 0.21 refuses too: its LoRA branch "
+                                   "mixes all input channels, which no grouped kernel can hold)");
+    adapter.check_base_tensor(m, t.shape, fan_in_fan_out, file, wname);
     if (!dtype_is_convertible(t.dtype))
       detail::peft_fail_tensor(file, wname,
                                std::string("has dtype ") + dtype_name(t.dtype) + " but module '" + m.path + "' of " +
@@ -284,6 +305,12 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
   }
 
   MergeReport report;
+  MergeProgress progress;
+  for (const SafetensorsReader& r : ckpt.readers) {
+    progress.tensors_total += r.tensors().size();
+    for (const TensorInfo& t : r.tensors()) progress.bytes_total += t.nbytes();
+  }
+  if (options.progress) options.progress(progress);
   // --dtype converts floating tensors only; everything else keeps its dtype and bytes.
   const auto out_dtype = [&](const TensorInfo& t) {
     return options.dtype && dtype_is_convertible(t.dtype) ? *options.dtype : t.dtype;
@@ -308,16 +335,25 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
         buf.assign(count * dtype_size(od), 0);
         MergedModule mm;
         mm.tensor = t.name;
+        mm.kind = m.kind_name();
         mm.shape = t.shape;
         mm.rank = m.rank;
         mm.use_dora = m.use_dora;
-        mm.max_abs_delta = detail::merge_tensor(m, wts, src, t.dtype, transposed, buf.data(), od);
+        // An adapter saved with save_embedding_layers carries the module's base weight, and PEFT's
+        // load puts it into the model (converted to the model's dtype) before merging: start from
+        // it. The checkpoint's tensor still decides the output's name, shape and dtype.
+        const bool saved = !m.key_base_weight.empty();
+        const std::uint8_t* wsrc = saved ? adapter.tensors().raw(m.key_base_weight) : src;
+        const Dtype wdt = saved ? adapter.tensors().info(m.key_base_weight).dtype : t.dtype;
+        mm.max_abs_delta =
+            detail::merge_tensor(m, wts, wsrc, wdt, m.stored_transposed(fan_in_fan_out), buf.data(), od);
         w.write(t.name, buf.data(), buf.size());
         if (options.log != nullptr)
           *options.log << "merged " << t.name << " " << detail::shape_string(t.shape) << " " << dtype_name(t.dtype)
                        << (od != t.dtype ? std::string(" -> ") + dtype_name(od) : std::string()) << "  rank " << m.rank
-                       << "  " << (m.use_dora ? "DoRA" : "LoRA") << "  scaling " << m.scaling << "  max|delta| "
-                       << mm.max_abs_delta << "\n";
+                       << "  " << (m.use_dora ? "DoRA" : "LoRA") << "  scaling " << m.scaling << "  " << mm.kind
+                       << (saved ? "  (base weight from the adapter)" : "") << "  max|delta| " << mm.max_abs_delta
+                       << "\n";
         report.merged.push_back(std::move(mm));
       } else if (od == t.dtype) {
         w.write(t.name, src, in_bytes);  // bytes as they are
@@ -331,6 +367,10 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
       detail::release_pages(src, in_bytes);
       // Give a large conversion buffer back rather than keep the largest tensor's worth around.
       if (buf.capacity() > (std::size_t{64} << 20)) std::vector<std::uint8_t>().swap(buf);
+      ++progress.tensors_done;
+      progress.bytes_done += in_bytes;
+      progress.tensor = t.name;
+      if (options.progress) options.progress(progress);
     }
     w.finish();
     report.files_written.push_back(path);

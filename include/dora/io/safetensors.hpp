@@ -608,6 +608,24 @@ class SafetensorsReader {
     return m;
   }
 
+  /// Any rank, read as a rows x cols row-major matrix (the tensor's elements in storage order), e.g.
+  /// a conv weight [out, in, k1, k2] as out x (in k1 k2). Throws unless the tensor has exactly
+  /// rows * cols elements, and for a dtype matrix() refuses.
+  template <typename Scalar>
+  RowMatrix<Scalar> reshaped(const std::string& name, Eigen::Index rows, Eigen::Index cols) const {
+    static_assert(std::is_floating_point<Scalar>::value, "reshaped<Scalar>: Scalar must be float or double");
+    const TensorInfo& t = info(name);
+    require_convertible(t, "reshaped()");
+    if (rows < 0 || cols < 0 || t.numel() != static_cast<std::int64_t>(rows) * static_cast<std::int64_t>(cols))
+      detail::fail_tensor(path_, name,
+                          "has shape " + detail::shape_string(t.shape) + " (" + std::to_string(t.numel()) +
+                              " elements), which cannot be read as " + std::to_string(rows) + " x " +
+                              std::to_string(cols));
+    RowMatrix<Scalar> m(rows, cols);
+    convert(t, m.data());
+    return m;
+  }
+
   /// Rank 1 [n] -> n-vector; any other rank throws, and so does a dtype matrix() refuses.
   template <typename Scalar>
   Eigen::Matrix<Scalar, Eigen::Dynamic, 1> vector(const std::string& name) const {
