@@ -19,6 +19,7 @@
 #include <dora/io/peft_adapter.hpp>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <iterator>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -542,5 +543,139 @@ TEST_CASE("a sharded base: --out is a directory with the same shards and index a
   for (const std::string& s : {s1, s2}) {
     const SafetensorsReader shard((in / s).string());
     check_checkpoint(out / s, ref / s, shard, Dtype::BF16);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A real checkpoint layout (tests/data/peft_layers: a tiny Llama saved by transformers, a PEFT 0.21
+// DoRA adapter on every projection, embed_tokens and lm_head) through the executable, and the
+// progress display, which appears only when stderr is a terminal.
+
+namespace {
+
+const std::string kLlama = std::string(DORA_TEST_DATA_DIR) + "/peft_layers";
+
+// Runs dora-merge with stdout in a file and stderr on a new pseudo-terminal (so isatty(2) holds
+// there), collecting everything written to the terminal until the process exits.
+Run run_on_terminal(const fs::path& cap, const std::vector<std::string>& args) {
+  const int master = ::posix_openpt(O_RDWR | O_NOCTTY);
+  REQUIRE(master >= 0);
+  REQUIRE(::grantpt(master) == 0);
+  REQUIRE(::unlockpt(master) == 0);
+  const std::string slave = ::ptsname(master);
+  static int counter = 0;
+  const std::string out_file = (cap / ("tty" + std::to_string(counter++) + ".stdout")).string();
+  std::vector<std::string> words{kExe};
+  words.insert(words.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  Run r;
+  for (std::string& w : words) {
+    argv.push_back(w.data());
+    r.command += (r.command.empty() ? "" : " ") + w;
+  }
+  r.command += "  (stderr on the terminal " + slave + ")";
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  REQUIRE(::posix_spawn_file_actions_init(&actions) == 0);
+  REQUIRE(::posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0) == 0);
+  REQUIRE(::posix_spawn_file_actions_addopen(&actions, 1, out_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644) == 0);
+  REQUIRE(::posix_spawn_file_actions_addopen(&actions, 2, slave.c_str(), O_RDWR | O_NOCTTY, 0) == 0);
+  REQUIRE(::posix_spawn_file_actions_addclose(&actions, master) == 0);
+  pid_t pid = 0;
+  const int rc = ::posix_spawn(&pid, kExe.c_str(), &actions, nullptr, argv.data(), environ);
+  ::posix_spawn_file_actions_destroy(&actions);
+  REQUIRE(rc == 0);
+  // Read the terminal while the child runs (a full terminal buffer would block it); after it has
+  // exited and the slave is closed, read() fails with EIO.
+  char buf[4096];
+  for (;;) {
+    const ssize_t n = ::read(master, buf, sizeof buf);
+    if (n > 0) {
+      r.err.append(buf, static_cast<std::size_t>(n));
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    break;
+  }
+  int ws = 0;
+  while (::waitpid(pid, &ws, 0) < 0) REQUIRE(errno == EINTR);
+  ::close(master);
+  r.status = WIFEXITED(ws) ? WEXITSTATUS(ws) : -1;
+  r.out = read_file(out_file);
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("a real Llama checkpoint with embedding and lm_head adapters: dora-merge gives PEFT's merge",
+          "[cli][merge][llama]") {
+  TempDir tmp;
+  const std::string dir = kLlama + "/llama_f32";
+  const std::string out = (tmp.out() / "merged.safetensors").string();
+  const Run r = run(tmp.cap(), {"--base", dir + "/base/model.safetensors", "--adapter", dir + "/adapter", "--out", out});
+  INFO(r.describe());
+  REQUIRE(r.status == 0);
+  CHECK(r.err.empty());  // stderr is a file here: no progress display
+  CHECK(contains(r.out, "merged model.embed_tokens.weight [128, 64] F32  rank 8  DoRA  scaling 1  Embedding"));
+  CHECK(contains(r.out, "(base weight from the adapter)"));
+  CHECK(contains(r.out, "merged 16 modules, copied 5 tensors"));
+  const SafetensorsReader got(out), peft(dir + "/merged/model.safetensors");
+  REQUIRE(got.tensors().size() == peft.tensors().size());
+  double worst = 0.0;
+  for (const TensorInfo& t : peft.tensors()) {
+    const double err = dora_test::rel_err(values(got, got.info(t.name)), values(peft, t));
+    worst = std::max(worst, err);
+    INFO(t.name << ": relative error vs PEFT " << err << " (tolerance 1e-6)");
+    CHECK(err <= 1e-6);
+  }
+  std::cout << "dora-merge on the Llama f32 checkpoint: largest relative error vs PEFT " << worst << "\n";
+  const Run i = run(tmp.cap(), {"--inspect", dir + "/adapter"});
+  INFO(i.describe());
+  CHECK(i.status == 0);
+  CHECK(contains(i.out, "16 modules, DoRA"));
+  CHECK(contains(i.out, "model.embed_tokens  [128, 64]  rank 8  alpha 8  scaling 1  DoRA  F32  Embedding  (carries its "
+                        "base weight, F32)"));
+  CHECK(contains(i.out, "lm_head  [128, 64]  rank 4  alpha 8  scaling 2  DoRA  F32  Linear  (carries its base weight"));
+  CHECK(contains(i.out, "model.layers.0.mlp.down_proj  [64, 96]  rank 4"));
+}
+
+TEST_CASE("progress: shown on a terminal's stderr, on one line, cleared at the end; --quiet and pipes show none",
+          "[cli][merge][progress]") {
+  TempDir tmp;
+  const std::string dir = kLlama + "/llama_f32";
+  const std::vector<std::string> args{"--base", dir + "/base_sharded/model.safetensors.index.json", "--adapter",
+                                      dir + "/adapter"};
+  SECTION("stderr a terminal: the progress line, redrawn with \\r, erased at the end") {
+    const Run r = run_on_terminal(tmp.cap(), args + std::vector<std::string>{"--out", (tmp.out() / "m").string()});
+    INFO(r.describe());
+    CHECK(r.status == 0);
+    CHECK(contains(r.err, "\r\033[2Kdora-merge: 0/21 tensors, 0.0/0.3 MB"));
+    CHECK(contains(r.err, "MB/s"));
+    CHECK_FALSE(contains(r.err, "\n"));  // one line, never a new one
+    const std::string erase = "\r\033[2K";
+    CHECK(r.err.size() >= erase.size());
+    CHECK(r.err.compare(r.err.size() - erase.size(), erase.size(), erase) == 0);  // cleared at the end
+    CHECK(contains(r.out, "merged 16 modules"));
+  }
+  SECTION("stderr a terminal, --quiet: nothing at all") {
+    const Run r =
+        run_on_terminal(tmp.cap(), args + std::vector<std::string>{"--quiet", "--out", (tmp.out() / "m").string()});
+    INFO(r.describe());
+    CHECK(r.status == 0);
+    CHECK(r.err.empty());
+    CHECK(r.out.empty());
+  }
+  SECTION("stderr a terminal, an error: the line is erased before the message") {
+    const Run r = run_on_terminal(tmp.cap(), args + std::vector<std::string>{"--out", "/nonexistent-dir/m"});
+    INFO(r.describe());
+    CHECK(r.status == 1);
+    CHECK(contains(r.err, "\r\033[2Kdora-merge: error: "));
+    CHECK(entries(tmp.out()).empty());
+  }
+  SECTION("stderr not a terminal: nothing on it") {
+    const Run r = run(tmp.cap(), args + std::vector<std::string>{"--out", (tmp.out() / "m").string()});
+    INFO(r.describe());
+    CHECK(r.status == 0);
+    CHECK(r.err.empty());
   }
 }

@@ -4,15 +4,23 @@
 //   dora-merge --base model.safetensors.index.json --adapter ADAPTER_DIR --out OUT_DIR [--dtype ...]
 //   dora-merge --inspect ADAPTER_DIR
 //
-// A thin wrapper over dora::io::merge_checkpoint / inspect_adapter (include/dora/io/peft_adapter.hpp),
-// where the merge rule, streaming and atomic output are documented. The command line is parsed by
+// A thin wrapper over dora::io::merge_checkpoint / inspect_adapter (include/dora/io/merge.hpp and
+// peft_reader.hpp), where the merge rule, streaming and atomic output are documented. When stderr
+// is a terminal (and without --quiet) a one-line progress display (tensors, bytes, MB/s) is kept
+// on it during the merge and cleared at the end; when it is not (a pipe, a file, CI logs), nothing
+// of it is written. The command line is parsed by
 // CLI11. Exit status: 0 on success, 1 on an error during the merge or inspection (message on
 // stderr, no output written), 2 on bad usage (unknown argument, missing or bad value, an option
 // given twice, --inspect with a merge option, a missing --base/--adapter/--out).
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
-#include <dora/io/peft_adapter.hpp>
+#include <chrono>
+#include <cstdio>
+#include <dora/io/io.hpp>
 #include <exception>
 #include <iostream>
+#include <streambuf>
 #include <map>
 #include <memory>
 #include <optional>
@@ -75,6 +83,82 @@ class HelpFormatter : public CLI::Formatter {
   std::string make_option_desc(const CLI::Option* opt) const override { return wrap(opt->get_description(), 72); }
 };
 
+// The progress line on a terminal's stderr: "tensors done/total, MB done/total, MB/s", redrawn in
+// place (\r) at most 5 times a second (a merge of many small tensors would otherwise spend its
+// time writing to the terminal), and erased when the merge ends or fails, so that the report or
+// the error message starts on a clean line.
+class ProgressLine {
+ public:
+  void update(const dora::io::MergeProgress& p) {
+    const Clock::time_point now = Clock::now();
+    if (p.tensors_done == 0) start_ = now;
+    const bool last = p.tensors_done == p.tensors_total;
+    // The first call draws at once (a slow first tensor still shows that work started); later ones
+    // at most every 200 ms, also after a report line erased the display; the last one is not
+    // drawn (it is erased at once).
+    if (last || (drawn_once_ && now - drawn_ < std::chrono::milliseconds(200))) return;
+    drawn_ = now;
+    drawn_once_ = true;
+    const double mb = 1e-6;
+    const double secs = std::chrono::duration<double>(now - start_).count();
+    char line[160];
+    std::snprintf(line, sizeof line, "\r\033[2Kdora-merge: %zu/%zu tensors, %.1f/%.1f MB, %.1f MB/s", p.tensors_done,
+                  p.tensors_total, static_cast<double>(p.bytes_done) * mb, static_cast<double>(p.bytes_total) * mb,
+                  secs > 0 ? static_cast<double>(p.bytes_done) * mb / secs : 0.0);
+    std::fputs(line, stderr);
+    std::fflush(stderr);
+    shown_ = true;
+  }
+  // Erases the line (the cursor goes back to its start).
+  void clear() {
+    if (!shown_) return;
+    std::fputs("\r\033[2K", stderr);
+    std::fflush(stderr);
+    shown_ = false;
+  }
+  bool shown() const { return shown_; }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  Clock::time_point start_ = Clock::now(), drawn_;
+  bool shown_ = false, drawn_once_ = false;
+};
+
+// stdout for the per-module report lines, erasing the progress line first: when stdout and stderr
+// are the same terminal, a report line would otherwise be written after the progress text.
+class ReportBuf : public std::streambuf {
+ public:
+  ReportBuf(std::streambuf* out, ProgressLine* progress) : out_(out), progress_(progress) {}
+
+ protected:
+  int overflow(int c) override {
+    if (c == traits_type::eof()) return traits_type::not_eof(c);
+    before_write();
+    const int r = out_->sputc(static_cast<char>(c));
+    after_write();
+    return r;
+  }
+  std::streamsize xsputn(const char* s, std::streamsize n) override {
+    before_write();
+    const std::streamsize r = out_->sputn(s, n);
+    after_write();
+    return r;
+  }
+  int sync() override { return out_->pubsync(); }
+
+ private:
+  void before_write() {
+    if (progress_ != nullptr && progress_->shown()) progress_->clear();
+  }
+  // With a progress display, stdout is flushed at once, so that its text reaches the terminal
+  // before the next progress line does (std::cout's buffer would otherwise hold it back).
+  void after_write() {
+    if (progress_ != nullptr) out_->pubsync();
+  }
+  std::streambuf* out_;
+  ProgressLine* progress_;
+};
+
 int usage_error(const std::string& what) {
   std::cerr << "dora-merge: " << what << "\n" << kSynopsis << "Run 'dora-merge --help' for more information.\n";
   return 2;
@@ -128,7 +212,9 @@ std::optional<int> parse(int argc, char** argv, Args& args) {
                                                  "F16, float16, F64, float64), got '" +
                                                      s + "'";
           });
-  CLI::Option* quiet = app.add_flag("--quiet", args.quiet, "print nothing on success (errors still go to stderr)");
+  CLI::Option* quiet = app.add_flag("--quiet", args.quiet,
+                                    "print nothing on success: no report and no progress display (errors still go "
+                                    "to stderr)");
   CLI::Option* inspect =
       app.add_option("--inspect", args.inspect,
                      "list the modules of the adapter in ADAPTER_DIR (path, shape, rank, alpha, scaling, DoRA or "
@@ -180,8 +266,23 @@ int main(int argc, char** argv) {
     }
     dora::io::MergeOptions options;
     options.dtype = args.dtype;
-    if (!args.quiet) options.log = &std::cout;
-    const dora::io::MergeReport r = dora::io::merge_checkpoint(args.base, args.adapter, args.out, options);
+    // Progress only for a person watching: stderr a terminal and no --quiet.
+    const bool show_progress = !args.quiet && ::isatty(STDERR_FILENO) == 1;
+    ProgressLine progress;
+    // Report lines erase the display first only where they would land on it: stdout a terminal too.
+    ReportBuf report_buf(std::cout.rdbuf(), show_progress && ::isatty(STDOUT_FILENO) == 1 ? &progress : nullptr);
+    std::ostream report(&report_buf);
+    if (!args.quiet) options.log = &report;
+    if (show_progress) options.progress = [&progress](const dora::io::MergeProgress& p) { progress.update(p); };
+    dora::io::MergeReport r;
+    try {
+      r = dora::io::merge_checkpoint(args.base, args.adapter, args.out, options);
+    } catch (...) {
+      progress.clear();
+      throw;
+    }
+    progress.clear();
+    report.flush();
     if (!args.quiet) {
       std::cout << "merged " << r.merged.size() << " modules, copied " << r.tensors_copied << " tensors; wrote";
       for (const std::string& f : r.files_written) std::cout << " " << f;
