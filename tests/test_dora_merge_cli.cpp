@@ -639,7 +639,7 @@ TEST_CASE("a real Llama checkpoint with embedding and lm_head adapters: dora-mer
   CHECK(contains(i.out, "model.layers.0.mlp.down_proj  [64, 96]  rank 4"));
 }
 
-TEST_CASE("progress: shown on a terminal's stderr, on one line, cleared at the end; --quiet and pipes show none",
+TEST_CASE("progress: shown on a terminal's stderr on one line and cleared at the end, none with --quiet or on a pipe",
           "[cli][merge][progress]") {
   TempDir tmp;
   const std::string dir = kLlama + "/llama_f32";
