@@ -1653,3 +1653,103 @@ TEST_CASE("every io error is a dora::io::IoError", "[peft][errors]") {
   static_assert(std::is_base_of<dora::io::IoError, dora::io::PeftError>::value, "PeftError is an IoError");
   static_assert(std::is_base_of<std::runtime_error, dora::io::IoError>::value, "IoError is a runtime_error");
 }
+
+TEST_CASE("inconsistent Embedding and Conv adapters are rejected naming the tensor and shapes", "[peft][hostile][layers]") {
+  using Shape = std::vector<std::int64_t>;
+  // An adapter directory holding F64 tensors of the given shapes (all ones), r = 4.
+  const auto make = [](const TempDir& tmp, const std::vector<std::pair<std::string, Shape>>& tensors, bool dora) {
+    const std::string ad = tmp / "adapter";
+    REQUIRE(::mkdir(ad.c_str(), 0755) == 0);
+    write_text(ad + "/adapter_config.json",
+               std::string(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": )") + (dora ? "true" : "false") +
+                   "}");
+    SafetensorsWriter w(ad + "/adapter_model.safetensors");
+    for (const auto& t : tensors) {
+      std::int64_t n = 1;
+      for (const std::int64_t d : t.second) n *= d;
+      const std::vector<double> ones(static_cast<std::size_t>(n), 1.0);
+      w.add_raw("base_model.model." + t.first, Dtype::F64, t.second, ones.data(), ones.size() * sizeof(double));
+    }
+    w.finish();
+    return ad;
+  };
+  const auto expect = [](const std::string& adapter, const std::vector<std::string>& needles) {
+    std::string msg = "<no error>";
+    try {
+      PeftAdapter a(adapter);
+    } catch (const dora::io::PeftError& e) {
+      msg = e.what();
+    }
+    std::cout << "refused: " << msg << "\n";
+    INFO("error: " << msg);
+    for (const std::string& n : needles) CHECK(msg.find(n) != std::string::npos);
+  };
+  TempDir tmp;
+  SECTION("embedding and linear tensor names mixed") {
+    expect(make(tmp, {{"emb.lora_embedding_A", {4, 20}}, {"emb.lora_B.weight", {12, 4}}}, false),
+           {"base_model.model.emb.lora_B.weight", "mixes an Embedding adapter tensor"});
+  }
+  SECTION("embedding ranks disagree") {
+    expect(make(tmp, {{"emb.lora_embedding_A", {4, 20}}, {"emb.lora_embedding_B", {12, 3}}}, false),
+           {"base_model.model.emb.lora_embedding_B", "rank 3", "[12, 3]", "[4, 20]"});
+  }
+  SECTION("embedding lora_embedding_B missing") {
+    expect(make(tmp, {{"emb.lora_embedding_A", {4, 20}}}, false), {"base_model.model.emb.lora_embedding_B", "missing"});
+  }
+  SECTION("conv lora_B is not a 1x1 kernel") {
+    expect(make(tmp, {{"c.lora_A.weight", {4, 3, 3, 3}}, {"c.lora_B.weight", {5, 4, 3, 3}}}, false),
+           {"base_model.model.c.lora_B.weight", "1x1 kernel", "[5, 4, 3, 3]"});
+  }
+  SECTION("conv lora_B's channels do not divide the rank") {
+    expect(make(tmp, {{"c.lora_A.weight", {4, 3, 3, 3}}, {"c.lora_B.weight", {5, 3, 1, 1}}}, false),
+           {"base_model.model.c.lora_B.weight", "does not divide", "rank 4"});
+  }
+  SECTION("conv lora_A and lora_B of different ranks") {
+    expect(make(tmp, {{"c.lora_A.weight", {4, 3, 3, 3}}, {"c.lora_B.weight", {5, 4, 1}}}, false),
+           {"base_model.model.c.lora_B.weight", "Conv2d", "[5, 4, 1]"});
+  }
+  SECTION("conv magnitude of a wrong shape") {
+    expect(make(tmp,
+                {{"c.lora_A.weight", {4, 3, 3, 3}},
+                 {"c.lora_B.weight", {5, 4, 1, 1}},
+                 {"c.lora_magnitude_vector", {1, 5, 2, 1}}},
+                true),
+           {"base_model.model.c.lora_magnitude_vector", "[1, 5, 2, 1]", "needs [5] or [1, 5, 1, 1]", "Conv2d"});
+  }
+  SECTION("lora_A of rank 6") {
+    expect(make(tmp, {{"c.lora_A.weight", {4, 3, 1, 1, 1, 1}}, {"c.lora_B.weight", {5, 4, 1, 1, 1, 1}}}, false),
+           {"base_model.model.c.lora_A.weight", "[4, 3, 1, 1, 1, 1]", "Conv1d/2d/3d"});
+  }
+  SECTION("a full copy of a base tensor (modules_to_save, or a resized embedding not adapted)") {
+    expect(make(tmp,
+                {{"q.lora_A.weight", {4, 8}}, {"q.lora_B.weight", {8, 4}}, {"model.embed_tokens.weight", {16, 8}}},
+                false),
+           {"base_model.model.model.embed_tokens.weight", "full copy", "not supported"});
+  }
+  SECTION("a saved base_layer.weight of a module without LoRA tensors") {
+    expect(make(tmp, {{"q.lora_A.weight", {4, 8}}, {"q.lora_B.weight", {8, 4}}, {"emb.base_layer.weight", {16, 8}}},
+                false),
+           {"base_model.model.emb.base_layer.weight", "no LoRA tensors"});
+  }
+  SECTION("a saved base_layer.weight of the wrong shape") {
+    expect(make(tmp,
+                {{"emb.lora_embedding_A", {4, 20}},
+                 {"emb.lora_embedding_B", {12, 4}},
+                 {"emb.base_layer.weight", {12, 20}}},
+                false),
+           {"base_model.model.emb.base_layer.weight", "[12, 20]", "needs [20, 12]", "Embedding"});
+  }
+  SECTION("make_lora on an Embedding module") {
+    const std::string ad = make(tmp, {{"emb.lora_embedding_A", {4, 20}}, {"emb.lora_embedding_B", {12, 4}}}, false);
+    const PeftAdapter a(ad);
+    const MatD W = MatD::Zero(12, 20);
+    std::string msg = "<no error>";
+    try {
+      a.make_lora<double>("emb", dora::borrow(W));
+    } catch (const dora::io::PeftError& e) {
+      msg = e.what();
+    }
+    INFO(msg);
+    CHECK(msg.find("'emb' is an Embedding adapter, not a Linear one") != std::string::npos);
+  }
+}
