@@ -1082,3 +1082,30 @@ TEST_CASE("non-ASCII and control characters in names round trip", "[safetensors]
   REQUIRE(SafetensorsReader(path).vector<double>(name) == Eigen::VectorXd::Constant(2, 0.25));
   remove_dir(dir);
 }
+
+TEST_CASE("reshaped() reads a tensor of any rank as rows x cols in storage order", "[safetensors][reshaped]") {
+  const std::string dir = make_temp_dir();
+  const std::string path = dir + "/r.safetensors";
+  // A conv weight [out 2, in 3, k 2, 2]: 24 values 0..23 in storage order.
+  std::vector<float> v(24);
+  for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(i);
+  {
+    SafetensorsWriter w(path);
+    w.add_raw("conv", Dtype::F32, {2, 3, 2, 2}, v.data(), v.size() * sizeof(float));
+    w.add_raw("ids", Dtype::I64, {3}, std::vector<std::int64_t>{1, 2, 3}.data(), 3 * sizeof(std::int64_t));
+    w.finish();
+  }
+  const SafetensorsReader r(path);
+  const MatD m = r.reshaped<double>("conv", 2, 12);
+  REQUIRE(m.rows() == 2);
+  REQUIRE(m.cols() == 12);
+  for (Eigen::Index i = 0; i < 2; ++i)
+    for (Eigen::Index j = 0; j < 12; ++j) CHECK(m(i, j) == static_cast<double>(i * 12 + j));
+  CHECK(r.reshaped<float>("conv", 24, 1)(23, 0) == 23.0f);
+  CHECK_THROWS_WITH(r.reshaped<double>("conv", 5, 5),
+                    Catch::Contains("tensor 'conv'") && Catch::Contains("[2, 3, 2, 2] (24 elements)") &&
+                        Catch::Contains("cannot be read as 5 x 5"));
+  CHECK_THROWS_WITH(r.reshaped<double>("ids", 3, 1), Catch::Contains("tensor 'ids'") && Catch::Contains("dtype I64"));
+  CHECK_THROWS_AS(r.reshaped<double>("conv", 5, 5), dora::io::IoError);
+  remove_dir(dir);
+}
