@@ -1,10 +1,24 @@
 #pragma once
 /// \file detail/adapter.hpp
-/// What LoRA and DoRA layers share: the borrowed base, the factors A and B with their gradients,
-/// configuration, mode, dropout and the activations saved for backward.
+/// What every adapter layer shares, written once: the low-rank factors A and B with their
+/// gradients, the scaling, the configuration, train/eval mode, the dropout stream, the parameter
+/// views, zero_grad and the allocating forward/infer/backward wrappers.
+///
+/// A layer type derives from Adapter<Derived, Scalar, InputRef> (CRTP) and supplies its products:
+///   void forward(const InputRef& x, Eigen::Ref<MatrixType> y);
+///   void infer(const InputRef& x, Eigen::Ref<MatrixType> y, MatrixType& workspace) const;
+///   void backward_impl(const Eigen::Ref<const MatrixType>& dy, Eigen::Ref<MatrixType>* dx);
+///   Index output_cols() const;  Index input_cols() const;  (columns of y and of dx)
+///   static constexpr bool kHasInputGradient;        (false for integer inputs)
+///   void add_extra_parameters(std::vector<Parameter<Scalar>>&);  void zero_extra_grad();
+/// The factors are those of the layer's lowered linear map V = W + s B A (d_out x d_in): for a
+/// linear layer W itself, for a convolution the kernel flattened to out x (in k...), for an
+/// embedding the transposed table (dim x num_embeddings).
 
+#include <cstdint>
 #include <functional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../base_layer.hpp"
@@ -18,7 +32,7 @@ namespace dora {
 /// uniformly (the view aliases the layer's own storage).
 template <typename Scalar>
 struct Parameter {
-  std::string name;  ///< PEFT's name: "lora_A", "lora_B", "lora_magnitude_vector"
+  std::string name;  ///< PEFT's name: "lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", ...
   Eigen::Map<Vector<Scalar>> value;
   Eigen::Map<Vector<Scalar>> grad;
 };
@@ -32,31 +46,41 @@ bool overlaps(const Scalar* a, Eigen::Index na, const Scalar* b, Eigen::Index nb
   return std::less<const Scalar*>()(a, b + nb) && std::less<const Scalar*>()(b, a + na);
 }
 
-template <typename Scalar>
+/// How a layer type names and initialises its factors (PEFT's reset_lora_parameters).
+struct FactorSpec {
+  const char* a_name;      ///< "lora_A" / "lora_embedding_A"
+  const char* b_name;      ///< "lora_B" / "lora_embedding_B"
+  const char* a_cols;      ///< what A's columns are, for messages ("d_in", "in_channels x kernel", ...)
+  const char* b_rows;      ///< what B's rows are ("d_out", "out_channels", "embedding_dim")
+  bool embedding_init;     ///< PEFT's embedding rule: A = 0, B ~ N(0, 1); else A per Init, B = 0
+  const char* y_cols;      ///< what the columns of y (and dy) are, for messages
+  const char* x_cols;      ///< what the columns of x (and dx) are, for messages
+};
+
+template <typename Derived, typename Scalar, typename InputRef>
 class Adapter {
  public:
   using MatrixType = Matrix<Scalar>;
   using VectorType = Vector<Scalar>;
   using Index = Eigen::Index;
 
-  Index d_in() const { return base_.d_in(); }
-  Index d_out() const { return base_.d_out(); }
   Index rank() const { return config_.rank; }
   /// s = alpha / r (or alpha / sqrt(r) with rsLoRA), in the layer's Scalar.
   Scalar scaling() const { return scaling_; }
   const AdapterConfig& config() const { return config_; }
-  const BaseLayer<Scalar>& base() const { return base_; }
 
-  /// Training mode: dropout (if p > 0) is applied. Default after construction, as in PEFT.
+  /// Training mode: dropout (if p > 0 and the layer type has dropout) is applied. Default after
+  /// construction, as in PEFT.
   void train(bool on = true) { training_ = on; }
   /// Evaluation mode: no dropout.
   void eval() { training_ = false; }
   bool is_training() const { return training_; }
 
-  /// A (r x d_in), PEFT lora_A.weight. The mutable view cannot be resized.
+  /// A (r x columns of the lowered map), PEFT lora_A.weight (flattened for convolutions,
+  /// lora_embedding_A for embeddings). The mutable view cannot be resized.
   const MatrixType& lora_A() const { return A_; }
   Eigen::Ref<MatrixType> lora_A() { return A_; }
-  /// B (d_out x r), PEFT lora_B.weight.
+  /// B (rows of the lowered map x r), PEFT lora_B.weight (flattened) / lora_embedding_B.
   const MatrixType& lora_B() const { return B_; }
   Eigen::Ref<MatrixType> lora_B() { return B_; }
   /// Accumulated gradients; zero_grad() clears them.
@@ -66,13 +90,13 @@ class Adapter {
   Eigen::Ref<MatrixType> grad_lora_B() { return grad_B_; }
 
   void set_lora_A(const Eigen::Ref<const MatrixType>& A) {
-    DORA_CHECK_ARG(A.rows() == rank() && A.cols() == d_in(), "lora_A must be r x d_in = ", rank(), " x ", d_in(),
-                   ", got ", A.rows(), " x ", A.cols());
+    DORA_CHECK_ARG(A.rows() == rank() && A.cols() == A_.cols(), spec_.a_name, " must be r x ", spec_.a_cols, " = ",
+                   rank(), " x ", A_.cols(), ", got ", A.rows(), " x ", A.cols());
     A_ = A;
   }
   void set_lora_B(const Eigen::Ref<const MatrixType>& B) {
-    DORA_CHECK_ARG(B.rows() == d_out() && B.cols() == rank(), "lora_B must be d_out x r = ", d_out(), " x ", rank(),
-                   ", got ", B.rows(), " x ", B.cols());
+    DORA_CHECK_ARG(B.rows() == B_.rows() && B.cols() == rank(), spec_.b_name, " must be ", spec_.b_rows, " x r = ",
+                   B_.rows(), " x ", rank(), ", got ", B.rows(), " x ", B.cols());
     B_ = B;
   }
 
@@ -80,107 +104,154 @@ class Adapter {
   /// seed_dropout(config().seed) restarts the stream a new layer starts with. The seed is mixed
   /// with a constant so that masks never replay the draws that initialised A from the same seed.
   void seed_dropout(std::uint64_t seed) { dropout_rng_.seed(seed ^ kDropoutStream); }
-  /// The mask of the last training forward with dropout: entries 0 or 1/(1-p), N x d_in.
-  const MatrixType& dropout_mask() const { return mask_; }
 
   /// True between a forward and the backward that consumes its saved activations.
   bool has_saved_activations() const { return saved_; }
 
- protected:
-  Adapter(const BaseLayer<Scalar>& base, const AdapterConfig& config) : base_(base), config_(config) {
-    setup();
-    DORA_CHECK_ARG(config_.init != Init::user, "Init::user needs A and B passed to the layer's constructor");
-    detail::Rng init_rng(config_.seed);
-    A_ = initial_lora_A<Scalar>(config_.rank, d_in(), config_.init, init_rng);
-    B_ = MatrixType::Zero(d_out(), config_.rank);
+  /// Views of every trainable tensor and its gradient, in PEFT's order. The vector is built once
+  /// and kept, so iterating it in a training loop allocates nothing; it is rebuilt only when the
+  /// layer's storage moved (after a copy of the layer).
+  std::vector<Parameter<Scalar>>& parameters() {
+    const bool stale = params_.empty() || params_[0].value.data() != A_.data() ||
+                       params_[0].grad.data() != grad_A_.data() || params_[1].value.data() != B_.data() ||
+                       params_[1].grad.data() != grad_B_.data() || !derived().extra_parameters_match(params_);
+    if (stale) {
+      params_.clear();
+      params_.push_back({spec_.a_name, {A_.data(), A_.size()}, {grad_A_.data(), grad_A_.size()}});
+      params_.push_back({spec_.b_name, {B_.data(), B_.size()}, {grad_B_.data(), grad_B_.size()}});
+      derived().add_extra_parameters(params_);
+    }
+    return params_;
   }
 
-  Adapter(const BaseLayer<Scalar>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
-          const Eigen::Ref<const MatrixType>& B)
-      : base_(base), config_(config) {
+  /// Clears every accumulated gradient.
+  void zero_grad() {
+    grad_A_.setZero();
+    grad_B_.setZero();
+    derived().zero_extra_grad();
+  }
+
+  /// Allocating forms of the layer's forward, infer and backward.
+  MatrixType forward(const InputRef& x) {
+    MatrixType y(x.rows(), derived().output_cols());
+    derived().forward(x, y);
+    return y;
+  }
+  MatrixType infer(const InputRef& x) const {
+    MatrixType y(x.rows(), derived().output_cols()), workspace;
+    derived().infer(x, y, workspace);
+    return y;
+  }
+
+  /// Accumulates the parameter gradients from dy and writes dx (the input gradient). Releases the
+  /// saved activations.
+  void backward(const Eigen::Ref<const MatrixType>& dy, Eigen::Ref<MatrixType> dx) {
+    static_assert(Derived::kHasInputGradient, "dora: this layer's input is not differentiable (use backward_parameters)");
+    check_grad_output(dy, &dx);
+    derived().backward_impl(dy, &dx);
+  }
+  MatrixType backward(const Eigen::Ref<const MatrixType>& dy) {
+    static_assert(Derived::kHasInputGradient, "dora: this layer's input is not differentiable (use backward_parameters)");
+    MatrixType dx(batch_, derived().input_cols());
+    backward(dy, dx);
+    return dx;
+  }
+  /// Accumulates the parameter gradients only (the input gradient is not needed, e.g. for a first layer).
+  void backward_parameters(const Eigen::Ref<const MatrixType>& dy) {
+    check_grad_output(dy, nullptr);
+    derived().backward_impl(dy, nullptr);
+  }
+
+ protected:
+  /// a_cols x b_rows: the lowered map's d_in and d_out. A and B from config.init (PEFT's rule for the
+  /// layer type).
+  Adapter(const FactorSpec& spec, Index a_cols, Index b_rows, const AdapterConfig& config)
+      : spec_(spec), config_(config) {
+    setup(a_cols, b_rows);
+    DORA_CHECK_ARG(config_.init != Init::user, "Init::user needs ", spec_.a_name, " and ", spec_.b_name,
+                   " passed to the layer's constructor");
+    detail::Rng init_rng(config_.seed);
+    if (spec_.embedding_init) {
+      // PEFT initialises embeddings the other way round (for True and "gaussian" alike): A = 0 and
+      // B ~ N(0, 1), as nn.Embedding's default.
+      A_ = MatrixType::Zero(config_.rank, a_cols);
+      B_.resize(b_rows, config_.rank);
+      for (Index i = 0; i < B_.size(); ++i) B_.data()[i] = static_cast<Scalar>(init_rng.normal());
+    } else {
+      A_ = initial_lora_A<Scalar>(config_.rank, a_cols, config_.init, init_rng);
+      B_ = MatrixType::Zero(b_rows, config_.rank);
+    }
+  }
+
+  Adapter(const FactorSpec& spec, Index a_cols, Index b_rows, const AdapterConfig& config,
+          const Eigen::Ref<const MatrixType>& A, const Eigen::Ref<const MatrixType>& B)
+      : spec_(spec), config_(config) {
     config_.init = Init::user;
-    setup();
+    setup(a_cols, b_rows);
+    A_.resize(config_.rank, a_cols);
+    B_.resize(b_rows, config_.rank);
     set_lora_A(A);
     set_lora_B(B);
   }
 
-  void setup() {
-    config_.validate();
-    scaling_ = static_cast<Scalar>(config_.scaling());
-    seed_dropout(config_.seed);
-    grad_A_ = MatrixType::Zero(config_.rank, d_in());
-    grad_B_ = MatrixType::Zero(d_out(), config_.rank);
-  }
+  // Copies and moves keep the parameter views only if they still point at this object's storage
+  // (checked in parameters()).
+  Adapter(const Adapter&) = default;
+  Adapter(Adapter&&) noexcept = default;
+  Adapter& operator=(const Adapter&) = default;
+  Adapter& operator=(Adapter&&) noexcept = default;
+  ~Adapter() = default;
+
+  Derived& derived() { return static_cast<Derived&>(*this); }
+  const Derived& derived() const { return static_cast<const Derived&>(*this); }
 
   bool dropout_active() const { return training_ && config_.dropout > 0.0; }
 
-  static constexpr std::uint64_t kDropoutStream = 0x9E3779B97F4A7C15ULL;
-
-  void check_input(const Eigen::Ref<const MatrixType>& x, const Eigen::Ref<MatrixType>& y) const {
-    DORA_CHECK_ARG(x.cols() == d_in(), "x must have d_in = ", d_in(), " columns, got ", x.rows(), " x ", x.cols());
-    DORA_CHECK_ARG(y.rows() == x.rows() && y.cols() == d_out(), "y must be N x d_out = ", x.rows(), " x ", d_out(),
-                   ", got ", y.rows(), " x ", y.cols());
-    DORA_CHECK_ARG(!overlaps(x.data(), x.size(), y.data(), y.size()), "y must not share memory with x");
+  /// Fills mask with 0 or 1 / (1 - p) from the layer's dropout stream (PEFT's nn.Dropout).
+  template <typename MaskMatrix>
+  void draw_dropout_mask(MaskMatrix& mask) {
+    const double p = config_.dropout;
+    const Scalar keep_scale = static_cast<Scalar>(1.0 / (1.0 - p));
+    for (Index i = 0; i < mask.size(); ++i) mask.data()[i] = dropout_rng_.uniform() < p ? Scalar(0) : keep_scale;
   }
 
   void check_grad_output(const Eigen::Ref<const MatrixType>& dy, const Eigen::Ref<MatrixType>* dx) const {
     DORA_CHECK_STATE(saved_,
                      "backward needs a forward first (and one forward per backward: the saved "
                      "activations are released by backward)");
-    DORA_CHECK_ARG(dy.rows() == batch_ && dy.cols() == d_out(), "dy must be N x d_out = ", batch_, " x ", d_out(),
+    const Index cols = derived().output_cols();
+    DORA_CHECK_ARG(dy.rows() == batch_ && dy.cols() == cols, "dy must be N x ", spec_.y_cols, " = ", batch_, " x ", cols,
                    " (N from the last forward), got ", dy.rows(), " x ", dy.cols());
     if (dx != nullptr) {
-      DORA_CHECK_ARG(dx->rows() == batch_ && dx->cols() == d_in(), "dx must be N x d_in = ", batch_, " x ", d_in(),
+      const Index in = derived().input_cols();
+      DORA_CHECK_ARG(dx->rows() == batch_ && dx->cols() == in, "dx must be N x ", spec_.x_cols, " = ", batch_, " x ", in,
                      ", got ", dx->rows(), " x ", dx->cols());
       DORA_CHECK_ARG(!overlaps(dx->data(), dx->size(), dy.data(), dy.size()), "dx must not share memory with dy");
     }
   }
 
-  /// Saves xd = dropout(x) (or x) and u = xd A^T. The copy of x decouples the layer from the
-  /// caller's buffer, which is free to change between forward and backward. The buffer has
-  /// extra_rows more rows below xd, for a caller that stacks another operand under x so that one
-  /// product reads W once for both (DoRA stacks A: [xd; A] W^T gives x W^T and (W A^T)^T).
-  void save_input(const Eigen::Ref<const MatrixType>& x, Index extra_rows = 0) {
-    batch_ = x.rows();
-    xd_.resize(batch_ + extra_rows, d_in());
-    u_.resize(batch_, rank());
-    if (dropout_active()) {
-      mask_.resize(batch_, d_in());
-      const double p = config_.dropout;
-      const Scalar keep_scale = static_cast<Scalar>(1.0 / (1.0 - p));
-      for (Index i = 0; i < mask_.size(); ++i) mask_.data()[i] = dropout_rng_.uniform() < p ? Scalar(0) : keep_scale;
-      xd() = x.cwiseProduct(mask_);
-      dropout_applied_ = true;
-    } else {
-      xd() = x;
-      dropout_applied_ = false;
-    }
-    u_.noalias() = xd() * A_.transpose();
-  }
+  static constexpr std::uint64_t kDropoutStream = 0x9E3779B97F4A7C15ULL;
 
-  /// The saved (dropped) input: the top batch rows of the stacked buffer.
-  typename MatrixType::RowsBlockXpr xd() { return xd_.topRows(batch_); }
-
-  /// du = s * Gs B and dA += du^T xd, where Gs is the gradient reaching the adapter branch.
-  template <typename DG>
-  void accumulate_A(const Eigen::MatrixBase<DG>& Gs) {
-    du_.resize(batch_, rank());
-    du_.noalias() = scaling_ * Gs * B_;
-    grad_A_.noalias() += du_.transpose() * xd();
-  }
-
-  BaseLayer<Scalar> base_;
+  FactorSpec spec_;
   AdapterConfig config_;
   Scalar scaling_ = 0;
   bool training_ = true;
   MatrixType A_, B_, grad_A_, grad_B_;
   detail::Rng dropout_rng_;
+  bool saved_ = false;  // a forward's activations are held for backward
+  Index batch_ = 0;     // rows of the last forward's input
 
-  // Saved by forward for backward; workspaces resized only when the batch size changes.
-  bool saved_ = false;
-  bool dropout_applied_ = false;  // whether the saved forward used a mask (the mode may change before backward)
-  Index batch_ = 0;
-  MatrixType xd_, mask_, u_, du_;
+ private:
+  void setup(Index a_cols, Index b_rows) {
+    config_.validate();
+    DORA_CHECK_ARG(a_cols >= 1 && b_rows >= 1, "the adapted map must be non-empty, got ", b_rows, " x ", a_cols);
+    scaling_ = static_cast<Scalar>(config_.scaling());
+    seed_dropout(config_.seed);
+    grad_A_ = MatrixType::Zero(config_.rank, a_cols);
+    grad_B_ = MatrixType::Zero(b_rows, config_.rank);
+  }
+
+  std::vector<Parameter<Scalar>> params_;
 };
 
 }  // namespace detail
