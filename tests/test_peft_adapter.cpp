@@ -1753,3 +1753,81 @@ TEST_CASE("inconsistent Embedding and Conv adapters are rejected naming the tens
     CHECK(msg.find("'emb' is an Embedding adapter, not a Linear one") != std::string::npos);
   }
 }
+
+TEST_CASE("PeftAdapterWriter writes Embedding and Conv modules under PEFT's names and shapes", "[peft][save][layers]") {
+  int written = 0;
+  for (const std::string& name : layer_cases()) {
+    const LayerCase c = layer_case(name);
+    INFO("case " << name);
+    const SafetensorsReader ref(kLayers + "/" + name + ".safetensors");
+    const TensorInfo& at = ref.info("A");
+    const TensorInfo& bt = ref.info("B");
+    const Eigen::Index r = at.shape[0];
+    const MatD A = ref.reshaped<double>("A", r, at.numel() / r);
+    const MatD B = ref.reshaped<double>("B", bt.shape[0], bt.numel() / bt.shape[0]);
+    Eigen::VectorXd m;
+    if (c.dora) m = ref.reshaped<double>("m", ref.info("m").numel(), 1).col(0);
+    dora::AdapterConfig cfg;
+    cfg.rank = r;
+    cfg.alpha = c.meta.at("alpha").get<double>();
+    cfg.use_rslora = c.meta.at("use_rslora").get<bool>();
+    dora::io::PeftAdapterWriter w(c.f64 ? Dtype::F64 : Dtype::F32);
+    if (c.embedding) {
+      w.add_embedding("layer", cfg, A, B, m);
+    } else {
+      const std::vector<std::int64_t> kernel(at.shape.begin() + 2, at.shape.end());
+      w.add_conv("layer", cfg, at.shape[1], kernel, A, B, m, c.meta.at("groups").get<Eigen::Index>());
+    }
+    TempDir tmp;
+    w.write(tmp / "adapter");
+    // PEFT's key names and shapes, the values bit for bit (the case's own dtype).
+    const SafetensorsReader saved(tmp / "adapter/adapter_model.safetensors");
+    const std::string p = "base_model.model.layer.";
+    const std::vector<std::pair<std::string, std::string>> keys{
+        {"A", p + (c.embedding ? "lora_embedding_A" : "lora_A.weight")},
+        {"B", p + (c.embedding ? "lora_embedding_B" : "lora_B.weight")},
+        {"m", p + "lora_magnitude_vector"}};
+    CHECK(saved.tensors().size() == (c.dora ? 3u : 2u));
+    for (const auto& k : keys) {
+      if (k.first == "m" && !c.dora) continue;
+      REQUIRE(saved.contains(k.second));
+      CHECK(saved.info(k.second).shape == ref.info(k.first).shape);
+      const bool same = std::memcmp(saved.raw(k.second), ref.raw(k.first), ref.info(k.first).nbytes()) == 0;
+      CHECK(same);
+    }
+    // Read back and, where PEFT can, merged into the case's base: PEFT's W_merged.
+    const PeftAdapter back(tmp / "adapter");
+    REQUIRE(back.modules().size() == 1);
+    CHECK(back.modules()[0].kind_name() == (c.embedding ? std::string("Embedding")
+                                                        : "Conv" + std::to_string(at.shape.size() - 2) + "d"));
+    if (ref.contains("W_merged")) {
+      SafetensorsWriter b(tmp / "base.safetensors");
+      copy_tensor(ref, "W", b, "layer.weight");
+      b.finish();
+      dora::io::merge_checkpoint(tmp / "base.safetensors", tmp / "adapter", tmp / "merged.safetensors");
+      const SafetensorsReader ours(tmp / "merged.safetensors");
+      const Eigen::Index rows = ref.info("W").shape[0];
+      const Eigen::Index cols = ref.info("W").numel() / rows;
+      const double err =
+          rel_err(ours.reshaped<double>("layer.weight", rows, cols), ref.reshaped<double>("W_merged", rows, cols));
+      INFO("relative error vs W_merged " << err);
+      CHECK(err <= (c.f64 ? 1e-12 : 1e-6));
+    }
+    ++written;
+  }
+  std::cout << "adapters written from the layer cases and read back: " << written << "\n";
+  CHECK(written == 27);
+  SECTION("inconsistent matrices are refused naming the module") {
+    dora::AdapterConfig cfg;
+    cfg.rank = 4;
+    dora::io::PeftAdapterWriter w;
+    CHECK_THROWS_WITH(w.add_embedding("emb", cfg, MatD::Ones(3, 20), MatD::Ones(12, 4)),
+                      Catch::Contains("'emb'") && Catch::Contains("rank 4"));
+    CHECK_THROWS_WITH(w.add_conv("c", cfg, 3, {3, 3}, MatD::Ones(4, 26), MatD::Ones(5, 4)),
+                      Catch::Contains("'c'") && Catch::Contains("needs 27 columns"));
+    CHECK_THROWS_WITH(w.add_conv("c", cfg, 3, {3, 3, 3, 3}, MatD::Ones(4, 243), MatD::Ones(5, 4)),
+                      Catch::Contains("1, 2 or 3 sizes"));
+    CHECK_THROWS_WITH(w.add_conv("c", cfg, 3, {3, 3}, MatD::Ones(4, 27), MatD::Ones(5, 4), Eigen::VectorXd::Ones(4)),
+                      Catch::Contains("magnitude has 4 entries"));
+  }
+}
