@@ -4,7 +4,9 @@
 
 #include "base_layer.hpp"
 #include "config.hpp"
+#include "conv.hpp"
 #include "dora_linear.hpp"
+#include "embedding.hpp"
 #include "init.hpp"
 #include "lora_linear.hpp"
 #include "magnitude.hpp"

@@ -197,6 +197,7 @@ class DoraLinear : public detail::DenseDora<DoraLinear<Scalar>, Scalar> {
   using MatrixType = Matrix<Scalar>;
   using VectorType = Vector<Scalar>;
   using Index = Eigen::Index;
+  using InferWorkspace = MatrixType;
   using Base::forward;
   using Base::infer;
 
@@ -232,6 +233,7 @@ class DoraLinear : public detail::DenseDora<DoraLinear<Scalar>, Scalar> {
  private:
   Index output_cols() const { return d_out(); }
   Index input_cols() const { return d_in(); }
+  Index saved_batch() const { return this->batch_; }
   void backward_impl(const Eigen::Ref<const MatrixType>& dy, Eigen::Ref<MatrixType>* dx) {
     this->backward_lowered(dy, dx);
   }

@@ -88,6 +88,7 @@ class LoraLinear : public detail::DenseLora<LoraLinear<Scalar>, Scalar> {
   using MatrixType = Matrix<Scalar>;
   using VectorType = Vector<Scalar>;
   using Index = Eigen::Index;
+  using InferWorkspace = MatrixType;
   using Base::forward;
   using Base::infer;
 
@@ -121,6 +122,7 @@ class LoraLinear : public detail::DenseLora<LoraLinear<Scalar>, Scalar> {
  private:
   Index output_cols() const { return d_out(); }
   Index input_cols() const { return d_in(); }
+  Index saved_batch() const { return this->batch_; }
   void backward_impl(const Eigen::Ref<const MatrixType>& dy, Eigen::Ref<MatrixType>* dx) {
     this->backward_lowered(dy, dx);
   }

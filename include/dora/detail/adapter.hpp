@@ -9,6 +9,8 @@
 ///   void infer(const InputRef& x, Eigen::Ref<MatrixType> y, MatrixType& workspace) const;
 ///   void backward_impl(const Eigen::Ref<const MatrixType>& dy, Eigen::Ref<MatrixType>* dx);
 ///   Index output_cols() const;  Index input_cols() const;  (columns of y and of dx)
+///   Index saved_batch() const;  (rows of the last forward's x)
+///   using InferWorkspace = ...;  (what infer() needs besides y)
 ///   static constexpr bool kHasInputGradient;        (false for integer inputs)
 ///   void add_extra_parameters(std::vector<Parameter<Scalar>>&);  void zero_extra_grad();
 /// The factors are those of the layer's lowered linear map V = W + s B A (d_out x d_in): for a
@@ -138,7 +140,8 @@ class Adapter {
     return y;
   }
   MatrixType infer(const InputRef& x) const {
-    MatrixType y(x.rows(), derived().output_cols()), workspace;
+    MatrixType y(x.rows(), derived().output_cols());
+    typename Derived::InferWorkspace workspace;
     derived().infer(x, y, workspace);
     return y;
   }
@@ -152,7 +155,7 @@ class Adapter {
   }
   MatrixType backward(const Eigen::Ref<const MatrixType>& dy) {
     static_assert(Derived::kHasInputGradient, "dora: this layer's input is not differentiable (use backward_parameters)");
-    MatrixType dx(batch_, derived().input_cols());
+    MatrixType dx(derived().saved_batch(), derived().input_cols());
     backward(dy, dx);
     return dx;
   }
@@ -220,11 +223,12 @@ class Adapter {
                      "backward needs a forward first (and one forward per backward: the saved "
                      "activations are released by backward)");
     const Index cols = derived().output_cols();
-    DORA_CHECK_ARG(dy.rows() == batch_ && dy.cols() == cols, "dy must be N x ", spec_.y_cols, " = ", batch_, " x ", cols,
+    const Index batch = derived().saved_batch();
+    DORA_CHECK_ARG(dy.rows() == batch && dy.cols() == cols, "dy must be N x ", spec_.y_cols, " = ", batch, " x ", cols,
                    " (N from the last forward), got ", dy.rows(), " x ", dy.cols());
     if (dx != nullptr) {
       const Index in = derived().input_cols();
-      DORA_CHECK_ARG(dx->rows() == batch_ && dx->cols() == in, "dx must be N x ", spec_.x_cols, " = ", batch_, " x ", in,
+      DORA_CHECK_ARG(dx->rows() == batch && dx->cols() == in, "dx must be N x ", spec_.x_cols, " = ", batch, " x ", in,
                      ", got ", dx->rows(), " x ", dx->cols());
       DORA_CHECK_ARG(!overlaps(dx->data(), dx->size(), dy.data(), dy.size()), "dx must not share memory with dy");
     }
@@ -239,7 +243,7 @@ class Adapter {
   MatrixType A_, B_, grad_A_, grad_B_;
   detail::Rng dropout_rng_;
   bool saved_ = false;  // a forward's activations are held for backward
-  Index batch_ = 0;     // rows of the last forward's input
+  Index batch_ = 0;     // rows of the last forward's (lowered) input
 
  private:
   void setup(Index a_cols, Index b_rows) {

@@ -1,0 +1,337 @@
+#pragma once
+/// \file conv.hpp
+/// LoRA and DoRA on a frozen 1-D, 2-D or 3-D convolution (PEFT's lora.Conv1d/Conv2d/Conv3d).
+///
+/// Torch's layouts: W is (out, in, k1..kd), x is (N, in, s1..sd), y is (N, out, o1..od), each
+/// sample one row of a row-major matrix (x: N x in*s1*..*sd, y: N x out*o1*..*od). PEFT's lora_A
+/// is a convolution with the base's kernel, stride and padding, (r, in, k...); lora_B a 1x1
+/// convolution, (out, r, 1...); the DoRA magnitude has one entry per output channel. Flattened,
+/// W is out x (in k...) and A is r x (in k...), so with x unfolded (im2col: one row per sample and
+/// output position, holding the patch it sees) the layer is exactly a linear layer on the patches:
+///   LoRA:  y = conv(x, W) + s convB(convA(xd)) + b
+///   DoRA:  y = (conv(x, V) ) * g + b,  V = W + s B A,  n_o = ||V[o]|| over in x k...,  g = m / n
+/// (PEFT's dropout semantics as for Linear). The convolution reuses Linear's products and exact
+/// gradients on the unfolded input (DenseLora / DenseDora) and never forms W + s B A per step.
+/// Dropout draws one mask on x (PEFT's nn.Dropout before lora_A) and unfolds it, so every copy of
+/// an input element in the patches shares its draw.
+///
+/// Supported: stride, zero padding, dilation (lora_A takes the base's dilation too: PEFT 0.21 omits
+/// it and fails in the forward, huggingface/peft#3697), groups = 1. Grouped convolutions are
+/// refused: PEFT 0.21 cannot merge them, and its DoRA norm for groups > 1 is a reshape of B A that
+/// is not the norm of the kernel the low-rank path applies (tests/data/layers/README.md).
+/// padding_mode other than zeros: not represented (PEFT's lora_A ignores it).
+
+#include <array>
+
+#include "dora_linear.hpp"
+#include "lora_linear.hpp"
+
+namespace dora {
+
+/// Shape of a convolution. The first `dims` entries of each array are used; the others must keep
+/// their defaults (kernel/stride/dilation/input 1, padding 0).
+struct ConvGeometry {
+  using Index = Eigen::Index;
+  int dims = 2;                      ///< 1, 2 or 3 (Conv1d, Conv2d, Conv3d)
+  Index in_channels = 0;             ///< C_in
+  Index out_channels = 0;            ///< C_out
+  std::array<Index, 3> kernel{1, 1, 1};
+  std::array<Index, 3> stride{1, 1, 1};
+  std::array<Index, 3> padding{0, 0, 0};  ///< zeros on both sides, as torch's padding=p
+  std::array<Index, 3> dilation{1, 1, 1};
+  std::array<Index, 3> input{1, 1, 1};    ///< spatial size of x
+  Index groups = 1;                  ///< must be 1 (see the file comment)
+
+  /// Output size along axis a: (input + 2 padding - dilation (kernel - 1) - 1) / stride + 1.
+  Index output(int a) const {
+    return (input[a] + 2 * padding[a] - dilation[a] * (kernel[a] - 1) - 1) / stride[a] + 1;
+  }
+  Index kernel_volume() const { return kernel[0] * kernel[1] * kernel[2]; }
+  Index input_volume() const { return input[0] * input[1] * input[2]; }
+  Index output_volume() const { return output(0) * output(1) * output(2); }
+  /// Columns of the lowered map: in_channels x kernel volume.
+  Index patch_size() const { return in_channels * kernel_volume(); }
+
+  /// Throws std::invalid_argument naming the bad field.
+  void validate() const {
+    DORA_CHECK_ARG(dims >= 1 && dims <= 3, "convolution dims must be 1, 2 or 3, got ", dims);
+    DORA_CHECK_ARG(in_channels >= 1 && out_channels >= 1, "convolution channels must be >= 1, got in_channels ",
+                   in_channels, ", out_channels ", out_channels);
+    DORA_CHECK_ARG(groups == 1, "convolution groups = ", groups,
+                   " is not supported (only groups = 1): PEFT 0.21 cannot merge grouped convolutions and its "
+                   "DoRA norm for them is not the applied kernel's norm");
+    for (int a = 0; a < 3; ++a) {
+      if (a < dims) {
+        DORA_CHECK_ARG(kernel[a] >= 1 && stride[a] >= 1 && dilation[a] >= 1 && padding[a] >= 0 && input[a] >= 1,
+                       "convolution axis ", a, ": kernel ", kernel[a], ", stride ", stride[a], ", dilation ",
+                       dilation[a], " and input ", input[a], " must be >= 1 and padding ", padding[a], " >= 0");
+        DORA_CHECK_ARG(input[a] + 2 * padding[a] >= dilation[a] * (kernel[a] - 1) + 1, "convolution axis ", a,
+                       ": input ", input[a], " with padding ", padding[a], " is smaller than the dilated kernel ",
+                       dilation[a] * (kernel[a] - 1) + 1);
+      } else {
+        DORA_CHECK_ARG(kernel[a] == 1 && stride[a] == 1 && dilation[a] == 1 && padding[a] == 0 && input[a] == 1,
+                       "convolution axis ", a, " is beyond dims = ", dims, " and must keep its defaults");
+      }
+    }
+  }
+};
+
+/// A borrowed frozen convolution: the lowered view of W (out x in*k...) and the bias, and its shape.
+template <typename Scalar>
+struct ConvBase {
+  ConvBase(const Scalar* weight, const ConvGeometry& geometry, const Scalar* bias)
+      : lowered(check(weight, geometry), geometry.out_channels, geometry.patch_size(), geometry.patch_size(), bias),
+        geometry(geometry) {}
+
+  BaseLayer<Scalar> lowered;  ///< W as out x (in k...), torch's layout read in place
+  ConvGeometry geometry;
+
+ private:
+  static const Scalar* check(const Scalar* weight, const ConvGeometry& g) {
+    g.validate();
+    return weight;
+  }
+};
+
+/// Borrow raw memory in torch's layout (out, in, k...), e.g. a tensor in a memory-mapped checkpoint;
+/// bias (out) may be null. The memory must outlive the adapter (BaseLayer's lifetime rule).
+template <typename Scalar>
+ConvBase<Scalar> borrow_conv(const Scalar* weight, const ConvGeometry& geometry, const Scalar* bias = nullptr) {
+  return ConvBase<Scalar>(weight, geometry, bias);
+}
+/// Borrow W given as out x (in k...) (torch's weight.reshape(out, -1)) and optionally b.
+template <typename Scalar>
+ConvBase<Scalar> borrow_conv(const Matrix<Scalar>& weight, const ConvGeometry& geometry) {
+  DORA_CHECK_ARG(weight.rows() == geometry.out_channels && weight.cols() == geometry.patch_size(),
+                 "convolution weight must be out_channels x (in_channels x kernel) = ", geometry.out_channels, " x ",
+                 geometry.patch_size(), ", got ", weight.rows(), " x ", weight.cols());
+  return ConvBase<Scalar>(weight.data(), geometry, nullptr);
+}
+template <typename Scalar>
+ConvBase<Scalar> borrow_conv(const Matrix<Scalar>& weight, const Vector<Scalar>& bias, const ConvGeometry& geometry) {
+  DORA_CHECK_ARG(weight.rows() == geometry.out_channels && weight.cols() == geometry.patch_size(),
+                 "convolution weight must be out_channels x (in_channels x kernel) = ", geometry.out_channels, " x ",
+                 geometry.patch_size(), ", got ", weight.rows(), " x ", weight.cols());
+  DORA_CHECK_ARG(bias.size() == geometry.out_channels, "bias has ", bias.size(), " entries but the convolution has ",
+                 geometry.out_channels, " output channels");
+  return ConvBase<Scalar>(weight.data(), geometry, bias.data());
+}
+template <typename Scalar>
+ConvBase<Scalar> borrow_conv(Matrix<Scalar>&&, const ConvGeometry&) = delete;
+template <typename Scalar>
+ConvBase<Scalar> borrow_conv(Matrix<Scalar>&&, const Vector<Scalar>&, const ConvGeometry&) = delete;
+
+namespace detail {
+
+inline constexpr FactorSpec kConvFactors{"lora_A",
+                                         "lora_B",
+                                         "(in_channels x kernel)",
+                                         "out_channels",
+                                         false,
+                                         "(out_channels x output size)",
+                                         "(in_channels x input size)"};
+
+/// Unfolds x (N x in*S) into patches (N*L x in*K): row n*L + l holds what output position l of
+/// sample n sees, in W's (in, k...) order; positions in the padding are 0.
+template <typename Scalar, typename In>
+void im2col(const ConvGeometry& g, const In& x, Matrix<Scalar>& cols) {
+  using Index = Eigen::Index;
+  const Index N = x.rows(), L = g.output_volume(), K = g.kernel_volume(), S = g.input_volume();
+  cols.resize(N * L, g.patch_size());
+  const std::array<Index, 3> o{g.output(0), g.output(1), g.output(2)};
+  for (Index n = 0; n < N; ++n) {
+    for (Index p0 = 0; p0 < o[0]; ++p0)
+      for (Index p1 = 0; p1 < o[1]; ++p1)
+        for (Index p2 = 0; p2 < o[2]; ++p2) {
+          Scalar* row = cols.data() + ((n * o[0] + p0) * o[1] * o[2] + p1 * o[2] + p2) * cols.cols();
+          for (Index c = 0; c < g.in_channels; ++c) {
+            const Scalar* xc = x.data() + n * x.outerStride() + c * S;
+            Index k = c * K;
+            for (Index k0 = 0; k0 < g.kernel[0]; ++k0) {
+              const Index i0 = p0 * g.stride[0] - g.padding[0] + k0 * g.dilation[0];
+              for (Index k1 = 0; k1 < g.kernel[1]; ++k1) {
+                const Index i1 = p1 * g.stride[1] - g.padding[1] + k1 * g.dilation[1];
+                for (Index k2 = 0; k2 < g.kernel[2]; ++k2, ++k) {
+                  const Index i2 = p2 * g.stride[2] - g.padding[2] + k2 * g.dilation[2];
+                  const bool inside = i0 >= 0 && i0 < g.input[0] && i1 >= 0 && i1 < g.input[1] && i2 >= 0 &&
+                                      i2 < g.input[2];
+                  row[k] = inside ? xc[(i0 * g.input[1] + i1) * g.input[2] + i2] : Scalar(0);
+                }
+              }
+            }
+          }
+        }
+  }
+  (void)L;
+}
+
+/// The adjoint of im2col: dx (N x in*S) = the sum, over the patches, of each patch entry into the
+/// input element it was copied from (padding entries are dropped).
+template <typename Scalar, typename Out>
+void col2im(const ConvGeometry& g, const Matrix<Scalar>& cols, Out& dx) {
+  using Index = Eigen::Index;
+  const Index N = dx.rows(), K = g.kernel_volume(), S = g.input_volume();
+  dx.setZero();
+  const std::array<Index, 3> o{g.output(0), g.output(1), g.output(2)};
+  for (Index n = 0; n < N; ++n) {
+    for (Index p0 = 0; p0 < o[0]; ++p0)
+      for (Index p1 = 0; p1 < o[1]; ++p1)
+        for (Index p2 = 0; p2 < o[2]; ++p2) {
+          const Scalar* row = cols.data() + ((n * o[0] + p0) * o[1] * o[2] + p1 * o[2] + p2) * cols.cols();
+          for (Index c = 0; c < g.in_channels; ++c) {
+            Scalar* xc = dx.data() + n * dx.outerStride() + c * S;
+            Index k = c * K;
+            for (Index k0 = 0; k0 < g.kernel[0]; ++k0) {
+              const Index i0 = p0 * g.stride[0] - g.padding[0] + k0 * g.dilation[0];
+              for (Index k1 = 0; k1 < g.kernel[1]; ++k1) {
+                const Index i1 = p1 * g.stride[1] - g.padding[1] + k1 * g.dilation[1];
+                for (Index k2 = 0; k2 < g.kernel[2]; ++k2, ++k) {
+                  const Index i2 = p2 * g.stride[2] - g.padding[2] + k2 * g.dilation[2];
+                  if (i0 >= 0 && i0 < g.input[0] && i1 >= 0 && i1 < g.input[1] && i2 >= 0 && i2 < g.input[2])
+                    xc[(i0 * g.input[1] + i1) * g.input[2] + i2] += row[k];
+                }
+              }
+            }
+          }
+        }
+  }
+}
+
+/// What LoRA and DoRA convolutions share: unfolding x, folding the output and dx, the dropout mask.
+/// Dense is DenseLora or DenseDora: the products on the unfolded input.
+template <typename Derived, typename Scalar, template <typename, typename> class Dense>
+class ConvAdapter : public Dense<Derived, Scalar> {
+  using Base = Dense<Derived, Scalar>;
+
+ public:
+  using MatrixType = Matrix<Scalar>;
+  using Index = Eigen::Index;
+  /// infer()'s workspace: the unfolded x, the lowered output and u.
+  struct InferWorkspace {
+    MatrixType cols, y, u;
+  };
+
+  using Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Scalar>>>::forward;
+  using Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Scalar>>>::infer;
+
+  const ConvGeometry& geometry() const { return geometry_; }
+
+  /// x is N x (in_channels x input size), y N x (out_channels x output size), torch's layouts.
+  void forward(const Eigen::Ref<const MatrixType>& x, Eigen::Ref<MatrixType> y) {
+    check_input(x, y);
+    const Index N = x.rows(), L = geometry_.output_volume();
+    im2col(geometry_, x, cols_);
+    const MatrixType* mask = nullptr;
+    if (this->dropout_active()) {
+      input_mask_.resize(N, input_cols());
+      this->draw_dropout_mask(input_mask_);
+      im2col(geometry_, input_mask_, mask_cols_);
+      mask = &mask_cols_;
+    }
+    ycols_.resize(N * L, geometry_.out_channels);
+    this->forward_lowered(cols_, mask, ycols_);
+    fold_output(ycols_, y);
+    conv_batch_ = N;
+  }
+
+  /// Same as forward() in evaluation mode, modifying nothing: thread-safe with one workspace per
+  /// thread (DoRA: after prepare_inference()).
+  void infer(const Eigen::Ref<const MatrixType>& x, Eigen::Ref<MatrixType> y, InferWorkspace& w) const {
+    check_input(x, y);
+    im2col(geometry_, x, w.cols);
+    w.y.resize(x.rows() * geometry_.output_volume(), geometry_.out_channels);
+    this->infer_lowered(w.cols, w.y, w.u);
+    fold_output(w.y, y);
+  }
+
+  /// The mask of the last training forward with dropout, on x: entries 0 or 1/(1-p).
+  const MatrixType& dropout_mask() const { return input_mask_; }
+
+ protected:
+  ConvAdapter(const ConvBase<Scalar>& base, const AdapterConfig& config)
+      : Base(kConvFactors, base.lowered, config), geometry_(base.geometry) {}
+  ConvAdapter(const ConvBase<Scalar>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
+              const Eigen::Ref<const MatrixType>& B)
+      : Base(kConvFactors, base.lowered, config, A, B), geometry_(base.geometry) {}
+
+  Index output_cols() const { return geometry_.out_channels * geometry_.output_volume(); }
+  Index input_cols() const { return geometry_.in_channels * geometry_.input_volume(); }
+  Index saved_batch() const { return conv_batch_; }
+
+  void check_input(const Eigen::Ref<const MatrixType>& x, const Eigen::Ref<MatrixType>& y) const {
+    DORA_CHECK_ARG(x.cols() == input_cols(), "x must be N x (in_channels x input size) = N x ", input_cols(),
+                   " (", geometry_.in_channels, " x ", geometry_.input_volume(), "), got ", x.rows(), " x ", x.cols());
+    DORA_CHECK_ARG(y.rows() == x.rows() && y.cols() == output_cols(), "y must be N x (out_channels x output size) = ",
+                   x.rows(), " x ", output_cols(), ", got ", y.rows(), " x ", y.cols());
+    DORA_CHECK_ARG(!overlaps(x.data(), x.size(), y.data(), y.size()), "y must not share memory with x");
+  }
+
+  // y[n, o L + l] = Y[n L + l, o]: the lowered rows back into torch's (N, out, positions) layout.
+  void fold_output(const MatrixType& Y, Eigen::Ref<MatrixType> y) const {
+    const Index L = geometry_.output_volume();
+    for (Index n = 0; n < y.rows(); ++n)
+      for (Index o = 0; o < geometry_.out_channels; ++o)
+        y.row(n).segment(o * L, L) = Y.col(o).segment(n * L, L).transpose();
+  }
+
+  void backward_impl(const Eigen::Ref<const MatrixType>& dy, Eigen::Ref<MatrixType>* dx) {
+    const Index N = conv_batch_, L = geometry_.output_volume();
+    dycols_.resize(N * L, geometry_.out_channels);
+    for (Index n = 0; n < N; ++n)
+      for (Index o = 0; o < geometry_.out_channels; ++o)
+        dycols_.col(o).segment(n * L, L) = dy.row(n).segment(o * L, L).transpose();
+    if (dx == nullptr) {
+      this->backward_lowered(dycols_, nullptr);
+      return;
+    }
+    // The unfolded input is no longer needed: it receives the patches' gradient.
+    Eigen::Ref<MatrixType> dcols(cols_);
+    this->backward_lowered(dycols_, &dcols);
+    col2im(geometry_, cols_, *dx);
+  }
+
+  ConvGeometry geometry_;
+  Index conv_batch_ = 0;
+  MatrixType cols_, input_mask_, mask_cols_, ycols_, dycols_;
+};
+
+}  // namespace detail
+
+template <typename Scalar>
+class LoraConv : public detail::ConvAdapter<LoraConv<Scalar>, Scalar, detail::DenseLora> {
+  using Base = detail::ConvAdapter<LoraConv<Scalar>, Scalar, detail::DenseLora>;
+  friend class detail::Adapter<LoraConv<Scalar>, Scalar, Eigen::Ref<const Matrix<Scalar>>>;
+
+ public:
+  using MatrixType = Matrix<Scalar>;
+  using Base::forward;
+  using Base::infer;
+
+  /// A as config.init says (kaiming-uniform with fan_in = in x kernel, as PEFT's lora_A conv), B = 0.
+  LoraConv(const ConvBase<Scalar>& base, const AdapterConfig& config) : Base(base, config) {}
+  /// Starts from A (r x in*k..., PEFT's lora_A.weight flattened) and B (out x r).
+  LoraConv(const ConvBase<Scalar>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
+           const Eigen::Ref<const MatrixType>& B)
+      : Base(base, config, A, B) {}
+};
+
+template <typename Scalar>
+class DoraConv : public detail::ConvAdapter<DoraConv<Scalar>, Scalar, detail::DenseDora> {
+  using Base = detail::ConvAdapter<DoraConv<Scalar>, Scalar, detail::DenseDora>;
+  friend class detail::Adapter<DoraConv<Scalar>, Scalar, Eigen::Ref<const Matrix<Scalar>>>;
+  friend class detail::DoraMagnitude<DoraConv<Scalar>, Scalar>;
+
+ public:
+  using MatrixType = Matrix<Scalar>;
+  using Base::forward;
+  using Base::infer;
+
+  /// A as config.init says, B = 0, m = n (the layer starts equal to the base convolution).
+  DoraConv(const ConvBase<Scalar>& base, const AdapterConfig& config) : Base(base, config) {}
+  /// Starts from the given A and B; m = n per output channel (PEFT's magnitude initialisation).
+  DoraConv(const ConvBase<Scalar>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
+           const Eigen::Ref<const MatrixType>& B)
+      : Base(base, config, A, B) {}
+};
+
+}  // namespace dora
