@@ -50,6 +50,35 @@ class PeftAdapterWriter {
               layer.lora_B().template cast<double>(), layer.magnitude().template cast<double>());
   }
 
+  /// An nn.Embedding module: the layer's A (r x num_embeddings), B (embedding_dim x r) and, for
+  /// DoRA, its magnitude (embedding_dim), through add_embedding(). padding_idx is a property of
+  /// the base nn.Embedding, not of the adapter, so it is not written.
+  template <typename Scalar>
+  void add(const std::string& path, const LoraEmbedding<Scalar>& layer) {
+    add_embedding(path, layer.config(), layer.lora_A().template cast<double>(), layer.lora_B().template cast<double>());
+  }
+  template <typename Scalar>
+  void add(const std::string& path, const DoraEmbedding<Scalar>& layer) {
+    add_embedding(path, layer.config(), layer.lora_A().template cast<double>(), layer.lora_B().template cast<double>(),
+                  layer.magnitude().template cast<double>());
+  }
+  /// An nn.Conv1d/2d/3d module (geometry().dims): the layer's flattened A (r x in k...), B
+  /// (out x r), DoRA's magnitude (out), and its kernel (the first dims entries of
+  /// geometry().kernel), through add_conv(). Stride, padding and dilation belong to the base
+  /// nn.ConvNd; PEFT 0.21's lora_A takes the base's stride and padding but not its dilation, so
+  /// an adapter of a dilated convolution loads there but its forward fails (huggingface/peft#3697).
+  template <typename Scalar>
+  void add(const std::string& path, const LoraConv<Scalar>& layer) {
+    add_conv(path, layer.config(), layer.geometry().in_channels, conv_kernel(layer.geometry()),
+             layer.lora_A().template cast<double>(), layer.lora_B().template cast<double>());
+  }
+  template <typename Scalar>
+  void add(const std::string& path, const DoraConv<Scalar>& layer) {
+    add_conv(path, layer.config(), layer.geometry().in_channels, conv_kernel(layer.geometry()),
+             layer.lora_A().template cast<double>(), layer.lora_B().template cast<double>(),
+             layer.magnitude().template cast<double>());
+  }
+
   /// An nn.Embedding module from its matrices: A = lora_embedding_A (rank x num_embeddings),
   /// B = lora_embedding_B (embedding_dim x rank), magnitude (embedding_dim) for DoRA or empty for
   /// LoRA. Written under PEFT's names (lora_embedding_A / _B, no ".weight"). The building block of
@@ -187,6 +216,10 @@ class PeftAdapterWriter {
     std::vector<std::int64_t> kernel;  // conv
     Eigen::Index groups = 1;           // conv
   };
+
+  static std::vector<std::int64_t> conv_kernel(const ConvGeometry& g) {
+    return std::vector<std::int64_t>(g.kernel.begin(), g.kernel.begin() + g.dims);
+  }
 
   // A is rank x d_in, B d_out x rank / groups, m empty or d_out, rank the config's.
   static void check_matrices(const std::string& path, const AdapterConfig& config, const Matrix<double>& A,
