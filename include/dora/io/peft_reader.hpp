@@ -224,11 +224,107 @@ class PeftAdapter {
     return layer;
   }
 
+  /// LoRA layer on an embedding table (num_embeddings x embedding_dim, the shape the module's
+  /// lora_embedding_A [r, num_embeddings] and lora_embedding_B [embedding_dim, r] need), with the
+  /// module's A and B. Throws PeftError if the module is not an Embedding one, is DoRA, or the
+  /// table's shape does not fit (naming the module and both shapes).
+  template <typename Scalar>
+  LoraEmbedding<Scalar> make_lora_embedding(const std::string& path, const EmbeddingBase<Scalar>& base) const {
+    const PeftModule& m = module(path);
+    require_kind(m, ModuleKind::embedding, "make_lora_embedding", false);
+    check_base_tensor(m, {base.num_embeddings(), base.embedding_dim()}, false, "<base embedding>", m.weight_name());
+    const PeftModuleWeights<Scalar> w = weights<Scalar>(m);
+    LoraEmbedding<Scalar> layer(base, m.adapter_config(), w.A, w.B);
+    layer.eval();
+    return layer;
+  }
+
+  /// DoRA layer on an embedding table with the module's A, B and the stored magnitude (one per
+  /// embedding dimension, not recomputed).
+  template <typename Scalar>
+  DoraEmbedding<Scalar> make_dora_embedding(const std::string& path, const EmbeddingBase<Scalar>& base) const {
+    const PeftModule& m = module(path);
+    require_kind(m, ModuleKind::embedding, "make_dora_embedding", true);
+    check_base_tensor(m, {base.num_embeddings(), base.embedding_dim()}, false, "<base embedding>", m.weight_name());
+    const PeftModuleWeights<Scalar> w = weights<Scalar>(m);
+    DoraEmbedding<Scalar> layer(base, m.adapter_config(), w.A, w.B);
+    layer.set_magnitude(w.magnitude);
+    layer.eval();
+    return layer;
+  }
+
+  /// LoRA layer on a convolution whose weight [out, in, k...] (base.geometry: dims, channels,
+  /// kernel) is the one the module's lora_A [r, in, k...] and lora_B [out, r, 1...] need, with the
+  /// module's A and B flattened (r x in k..., out x r). Stride, padding and dilation are the base's.
+  /// Throws PeftError if the module is not a Conv one, is DoRA, is grouped (r / lora_B.shape[1] > 1:
+  /// LoraConv supports groups = 1 only, as PEFT 0.21 cannot merge grouped convolutions), or the
+  /// base's shape does not fit (naming the module and both shapes).
+  template <typename Scalar>
+  LoraConv<Scalar> make_lora_conv(const std::string& path, const ConvBase<Scalar>& base) const {
+    const PeftModule& m = module(path);
+    require_kind(m, ModuleKind::conv, "make_lora_conv", false);
+    check_conv_base(m, base.geometry);
+    const PeftModuleWeights<Scalar> w = weights<Scalar>(m);
+    LoraConv<Scalar> layer(base, m.adapter_config(), w.A, w.B);
+    layer.eval();
+    return layer;
+  }
+
+  /// DoRA layer on a convolution with the module's A, B and the stored magnitude (one per output
+  /// channel; PEFT's [1, out, 1...] or [out]), not recomputed. Refuses what make_lora_conv refuses.
+  template <typename Scalar>
+  DoraConv<Scalar> make_dora_conv(const std::string& path, const ConvBase<Scalar>& base) const {
+    const PeftModule& m = module(path);
+    require_kind(m, ModuleKind::conv, "make_dora_conv", true);
+    check_conv_base(m, base.geometry);
+    const PeftModuleWeights<Scalar> w = weights<Scalar>(m);
+    DoraConv<Scalar> layer(base, m.adapter_config(), w.A, w.B);
+    layer.set_magnitude(w.magnitude);
+    layer.eval();
+    return layer;
+  }
+
  private:
+  static std::string a_or_an(const std::string& noun) { return (noun[0] == 'E' ? "an " : "a ") + noun; }
+
+  static const char* builder_for(ModuleKind kind, bool dora) {
+    if (kind == ModuleKind::embedding) return dora ? "make_dora_embedding" : "make_lora_embedding";
+    if (kind == ModuleKind::conv) return dora ? "make_dora_conv" : "make_lora_conv";
+    return dora ? "make_dora" : "make_lora";
+  }
+
   void require_linear(const PeftModule& m, const char* fn) const {
     if (m.kind != ModuleKind::linear)
-      detail::peft_fail(weights_file_, "module '" + m.path + "' is an " + m.kind_name() +
-                                           " adapter, not a Linear one: " + fn + "() builds linear layers only");
+      detail::peft_fail(weights_file_, "module '" + m.path + "' is " + a_or_an(m.kind_name()) +
+                                           " adapter, not a Linear one: " + fn + "() builds linear layers only (use " +
+                                           builder_for(m.kind, m.use_dora) + "())");
+  }
+
+  // Throws unless module m is of `kind` and is DoRA exactly when `dora`, naming the builder to use.
+  void require_kind(const PeftModule& m, ModuleKind kind, const char* fn, bool dora) const {
+    const char* what = kind == ModuleKind::embedding ? "Embedding" : "Conv";
+    if (m.kind != kind)
+      detail::peft_fail(weights_file_, "module '" + m.path + "' is " + a_or_an(m.kind_name()) + " adapter, not " +
+                                           a_or_an(what) + " one: " + fn +
+                                           "() builds " + what + " layers only (use " + builder_for(m.kind, m.use_dora) +
+                                           "())");
+    if (m.use_dora != dora)
+      detail::peft_fail(weights_file_, "module '" + m.path + "' is " + (m.use_dora ? "DoRA" : "LoRA (no magnitude)") +
+                                           ": use " + builder_for(m.kind, m.use_dora) + "()");
+  }
+
+  // A conv module fits a base of geometry g: groups 1, and [out, in, k...] equal to the module's.
+  void check_conv_base(const PeftModule& m, const ConvGeometry& g) const {
+    if (m.groups != 1)
+      detail::peft_fail(weights_file_,
+                        "module '" + m.path + "' is a grouped " + m.kind_name() + " adapter (groups " +
+                            std::to_string(m.groups) + " = r " + std::to_string(m.rank) +
+                            " / lora_B.shape[1]): LoraConv / DoraConv support groups = 1 only, since PEFT 0.21 "
+                            "cannot merge grouped convolutions and its DoRA norm for groups > 1 is not the norm of "
+                            "the kernel the low-rank path applies");
+    std::vector<std::int64_t> shape{g.out_channels, g.in_channels};
+    shape.insert(shape.end(), g.kernel.begin(), g.kernel.begin() + g.dims);
+    check_base_tensor(m, shape, false, "<base convolution>", m.weight_name());
   }
 
   static PeftConfig load_config(const std::string& dir) {
