@@ -89,13 +89,15 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
     // repeated calls give bitwise identical outputs.
     stacked_ = this->training_ ? r : 0;
     if (!this->training_ && !this->cache_matches()) this->compute_norm_alone();
-    this->save_input(x, stacked_, mask);
+    // The buffers always have the r rows below the batch, used or not, so that switching between
+    // training and evaluation does not reallocate them.
+    this->save_input(x, r, mask);
     if (stacked_ != 0) this->xd_.bottomRows(r) = this->A_;
     const typename BaseLayer<Scalar>::WeightMap& W = this->base_.weight;
     const Scalar s = this->scaling_;
     const Index N = this->batch_;
-    H_.resize(N + stacked_, this->base_.d_out());
-    H_.noalias() = this->xd_ * W.transpose();
+    H_.resize(N + r, this->base_.d_out());
+    H_.topRows(N + stacked_).noalias() = this->xd_.topRows(N + stacked_) * W.transpose();
     if (stacked_ != 0) this->compute_norm_with(H_.bottomRows(r));
     h().noalias() += s * this->u_ * this->B_.transpose();
     const VectorType& g = this->g_;

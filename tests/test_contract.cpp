@@ -1,0 +1,462 @@
+// The contract every adapter layer type keeps, run for every layer type x scalar in kLayers below.
+// Adding a layer type means adding it to that list (and a Fixture that says how to build its base
+// and inputs). Checked here:
+//   - shapes of y and dx; error messages that name the sizes;
+//   - every gradient against central finite differences in double: LoRA, DoRA exact (the true
+//     gradient), DoRA detached (the gradient with g = m / n held constant, made here by rescaling m
+//     so that only the public API is used), with a fixed dropout mask where the layer has dropout;
+//   - merge / unmerge round trip; the evaluation output equals the merged layer's output;
+//   - zero_grad, gradient accumulation over two backwards, parameters() aliasing the layer;
+//   - no heap allocation in steady state (EIGEN_RUNTIME_NO_MALLOC), parameters() included.
+#define EIGEN_RUNTIME_NO_MALLOC
+#include <stdexcept>
+#define eigen_assert(x)                                             \
+  do {                                                              \
+    if (!(x)) throw std::runtime_error("eigen_assert failed: " #x); \
+  } while (false)
+
+#include <catch2/catch.hpp>
+#include <cstdio>
+#include <functional>
+#include <type_traits>
+
+#include "test_support.hpp"
+
+using namespace dora_test;
+
+namespace {
+
+template <typename Layer>
+struct Traits;
+template <typename S>
+struct Traits<dora::LoraLinear<S>> {
+  using Scalar = S;
+  static constexpr bool dora = false;
+  static constexpr const char* family = "linear";
+};
+template <typename S>
+struct Traits<dora::DoraLinear<S>> : Traits<dora::LoraLinear<S>> {
+  static constexpr bool dora = true;
+};
+template <typename S>
+struct Traits<dora::LoraEmbedding<S>> {
+  using Scalar = S;
+  static constexpr bool dora = false;
+  static constexpr const char* family = "embedding";
+};
+template <typename S>
+struct Traits<dora::DoraEmbedding<S>> : Traits<dora::LoraEmbedding<S>> {
+  static constexpr bool dora = true;
+};
+template <typename S>
+struct Traits<dora::LoraConv<S>> {
+  using Scalar = S;
+  static constexpr bool dora = false;
+  static constexpr const char* family = "conv";
+};
+template <typename S>
+struct Traits<dora::DoraConv<S>> : Traits<dora::LoraConv<S>> {
+  static constexpr bool dora = true;
+};
+
+// How to build a layer type's frozen base, its inputs and its plain (merged) counterpart.
+struct LinearFixture {
+  template <typename S>
+  struct For {
+    static constexpr bool has_dropout = true, has_input_grad = true;
+    using Input = Mat<S>;
+    Mat<S> W = random_matrix<S>(7, 5, 11);
+    Vec<S> b = random_vector<S>(7, 12);
+    Eigen::Index a_cols() const { return 5; }
+    Eigen::Index b_rows() const { return 7; }
+    Eigen::Index y_cols() const { return 7; }
+    Input input(std::uint64_t seed) const { return random_matrix<S>(4, 5, seed); }
+    Input bad_input() const { return random_matrix<S>(4, 6, 1); }
+    const char* bad_input_message() const { return "x must have d_in = 5 columns, got 4 x 6"; }
+    dora::BaseLayer<S> base_of(const Mat<S>& weight) const { return dora::borrow(weight, b); }
+    dora::BaseLayer<S> base() const { return base_of(W); }
+    template <typename L>
+    static L make(const dora::BaseLayer<S>& base, const dora::AdapterConfig& c, const Mat<S>& A, const Mat<S>& B) {
+      return L(base, c, A, B);
+    }
+  };
+};
+
+struct EmbeddingFixture {
+  template <typename S>
+  struct For {
+    static constexpr bool has_dropout = false, has_input_grad = false;
+    using Input = dora::TokenIds;
+    Mat<S> W = random_matrix<S>(9, 6, 21);
+    Eigen::Index a_cols() const { return 9; }
+    Eigen::Index b_rows() const { return 6; }
+    Eigen::Index y_cols() const { return 6; }
+    Input input(std::uint64_t seed) const {
+      dora::detail::Rng rng(seed);
+      Input ids(7);
+      for (Eigen::Index t = 0; t < ids.size(); ++t) ids[t] = static_cast<std::int64_t>(rng.uniform(0.0, 9.0)) % 9;
+      ids[1] = ids[4] = 2;  // repeated ids accumulate
+      return ids;
+    }
+    Input bad_input() const {
+      Input ids(3);
+      ids << 0, 9, 1;
+      return ids;
+    }
+    const char* bad_input_message() const { return "ids[1] = 9 is outside [0, num_embeddings) = [0, 9)"; }
+    dora::EmbeddingBase<S> base_of(const Mat<S>& weight) const { return dora::borrow_embedding(weight, 3); }
+    dora::EmbeddingBase<S> base() const { return base_of(W); }
+  };
+};
+
+struct ConvFixture {
+  template <typename S>
+  struct For {
+    static constexpr bool has_dropout = true, has_input_grad = true;
+    using Input = Mat<S>;
+    static dora::ConvGeometry geometry() {
+      dora::ConvGeometry g;
+      g.dims = 2;
+      g.in_channels = 2;
+      g.out_channels = 3;
+      g.kernel = {3, 2, 1};
+      g.stride = {2, 1, 1};
+      g.padding = {1, 0, 0};
+      g.dilation = {1, 2, 1};
+      g.input = {5, 4, 1};
+      return g;
+    }
+    dora::ConvGeometry g = geometry();
+    Mat<S> W = random_matrix<S>(3, 2 * 3 * 2, 31);
+    Vec<S> b = random_vector<S>(3, 32);
+    Eigen::Index a_cols() const { return g.patch_size(); }
+    Eigen::Index b_rows() const { return 3; }
+    Eigen::Index y_cols() const { return 3 * g.output_volume(); }
+    Input input(std::uint64_t seed) const { return random_matrix<S>(2, 2 * 5 * 4, seed); }
+    Input bad_input() const { return random_matrix<S>(2, 7, 1); }
+    const char* bad_input_message() const { return "x must be N x (in_channels x input size) = N x 40 (2 x 20), got 2 x 7"; }
+    dora::ConvBase<S> base_of(const Mat<S>& weight) const { return dora::borrow_conv(weight, b, g); }
+    dora::ConvBase<S> base() const { return base_of(W); }
+  };
+};
+
+template <typename Layer>
+struct FixtureOf;
+template <typename S>
+struct FixtureOf<dora::LoraLinear<S>> : LinearFixture::For<S> {};
+template <typename S>
+struct FixtureOf<dora::DoraLinear<S>> : LinearFixture::For<S> {};
+template <typename S>
+struct FixtureOf<dora::LoraEmbedding<S>> : EmbeddingFixture::For<S> {};
+template <typename S>
+struct FixtureOf<dora::DoraEmbedding<S>> : EmbeddingFixture::For<S> {};
+template <typename S>
+struct FixtureOf<dora::LoraConv<S>> : ConvFixture::For<S> {};
+template <typename S>
+struct FixtureOf<dora::DoraConv<S>> : ConvFixture::For<S> {};
+
+// The LoRA layer of the same family: with B = 0 it is the plain frozen layer.
+template <typename Layer>
+struct PlainOf;
+template <typename S>
+struct PlainOf<dora::LoraLinear<S>> {
+  using type = dora::LoraLinear<S>;
+};
+template <typename S>
+struct PlainOf<dora::DoraLinear<S>> {
+  using type = dora::LoraLinear<S>;
+};
+template <typename S>
+struct PlainOf<dora::LoraEmbedding<S>> {
+  using type = dora::LoraEmbedding<S>;
+};
+template <typename S>
+struct PlainOf<dora::DoraEmbedding<S>> {
+  using type = dora::LoraEmbedding<S>;
+};
+template <typename S>
+struct PlainOf<dora::LoraConv<S>> {
+  using type = dora::LoraConv<S>;
+};
+template <typename S>
+struct PlainOf<dora::DoraConv<S>> {
+  using type = dora::LoraConv<S>;
+};
+
+template <typename Layer>
+struct Case {
+  using S = typename Traits<Layer>::Scalar;
+  using F = FixtureOf<Layer>;
+  static constexpr bool kDora = Traits<Layer>::dora;
+  F fx;
+  dora::AdapterConfig config;
+  Mat<S> A, B;
+
+  explicit Case(dora::NormGradient mode = dora::NormGradient::detached, double dropout = 0.0) {
+    config.rank = 3;
+    config.alpha = 5.0;
+    config.dropout = dropout;
+    config.norm_gradient = mode;
+    config.seed = 7;
+    A = random_matrix<S>(3, fx.a_cols(), 41, 0.5);
+    B = random_matrix<S>(fx.b_rows(), 3, 42, 0.5);
+  }
+  Layer make() const {
+    Layer layer(fx.base(), config, A, B);
+    if constexpr (kDora) {
+      // m != n, so that g != 1 everywhere.
+      layer.set_magnitude(layer.magnitude().cwiseProduct(
+          (Vec<S>::Ones(layer.magnitude().size()) + random_vector<S>(layer.magnitude().size(), 43, 0.2))));
+    }
+    return layer;
+  }
+};
+
+constexpr std::uint64_t kMaskSeed = 99;
+
+template <typename Layer, typename Input>
+double objective(Layer& layer, const Input& x, const Mat<double>& dy) {
+  layer.seed_dropout(kMaskSeed);
+  const Mat<double> y = layer.forward(x);
+  return (y.array() * dy.array()).sum();
+}
+
+// Central differences of f with respect to every entry of p (restored afterwards).
+template <typename P>
+Mat<double> numerical(P&& p, const std::function<double()>& f) {
+  Mat<double> g(p.rows(), p.cols());
+  for (Eigen::Index i = 0; i < p.rows(); ++i)
+    for (Eigen::Index j = 0; j < p.cols(); ++j) {
+      const double old = p(i, j);
+      const double h = 1e-6 * std::max(1.0, std::abs(old));
+      p(i, j) = old + h;
+      const double fp = f();
+      p(i, j) = old - h;
+      const double fm = f();
+      p(i, j) = old;
+      g(i, j) = (fp - fm) / (2.0 * h);
+    }
+  return g;
+}
+
+void check_gradient(const char* layer, const char* what, const Mat<double>& analytic, const Mat<double>& fd) {
+  const double err = rel_err(analytic, fd);
+  std::printf("contract %-28s %-26s FD relative error %.2e\n", layer, what, err);
+  INFO(layer << " " << what << ": relative error vs finite differences " << err);
+  CHECK(err <= 1e-6);
+}
+
+template <typename Layer>
+void finite_differences(dora::NormGradient mode, double dropout, const char* label) {
+  Case<Layer> c(mode, dropout);
+  Layer layer = c.make();
+  const auto x0 = c.fx.input(51);
+  const Mat<double> dy = random_matrix<double>(x0.rows(), c.fx.y_cols(), 52);
+  layer.seed_dropout(kMaskSeed);
+  layer.forward(x0);
+  Mat<double> dx;
+  if constexpr (FixtureOf<Layer>::has_input_grad)
+    dx = layer.backward(dy);
+  else
+    layer.backward_parameters(dy);
+  const Mat<double> gA = layer.grad_lora_A(), gB = layer.grad_lora_B();
+
+  // The objective as the mode defines it: exact and LoRA differentiate the output itself;
+  // detached holds g = m / n at its current value (m rescaled by n' / n0 for perturbed A, B).
+  const bool detached = Case<Layer>::kDora && mode == dora::NormGradient::detached;
+  Vec<double> n0, m0;
+  if constexpr (Case<Layer>::kDora) {
+    n0 = layer.compute_row_norm();
+    m0 = layer.magnitude();
+  }
+  const std::function<double()> f = [&]() {
+    if constexpr (Case<Layer>::kDora) {
+      if (detached) layer.set_magnitude(m0.cwiseProduct(layer.compute_row_norm()).cwiseQuotient(n0));
+      const double v = objective(layer, x0, dy);
+      layer.set_magnitude(m0);
+      return v;
+    } else {
+      return objective(layer, x0, dy);
+    }
+  };
+  check_gradient(label, "lora_A", gA, numerical(layer.lora_A(), f));
+  check_gradient(label, "lora_B", gB, numerical(layer.lora_B(), f));
+  if constexpr (Case<Layer>::kDora) {
+    const Mat<double> gm = layer.grad_magnitude();
+    // n does not depend on m: the same difference in both modes.
+    check_gradient(label, "magnitude", gm, numerical(layer.magnitude(), [&]() { return objective(layer, x0, dy); }));
+  }
+  if constexpr (FixtureOf<Layer>::has_input_grad) {
+    auto x = x0;
+    check_gradient(label, "x", dx, numerical(x, [&]() { return objective(layer, x, dy); }));
+  }
+}
+
+template <typename Layer>
+const char* name_of() {
+  static std::string n = std::string(Traits<Layer>::dora ? "dora " : "lora ") + Traits<Layer>::family +
+                         (std::is_same<typename Traits<Layer>::Scalar, double>::value ? " double" : " float");
+  return n.c_str();
+}
+
+}  // namespace
+
+#define DORA_CONTRACT_LAYERS                                                                                 \
+  dora::LoraLinear<float>, dora::LoraLinear<double>, dora::DoraLinear<float>, dora::DoraLinear<double>,      \
+      dora::LoraEmbedding<float>, dora::LoraEmbedding<double>, dora::DoraEmbedding<float>,                   \
+      dora::DoraEmbedding<double>, dora::LoraConv<float>, dora::LoraConv<double>, dora::DoraConv<float>,     \
+      dora::DoraConv<double>
+
+TEMPLATE_TEST_CASE("Contract: shapes, and errors that name the sizes", "[contract]", DORA_CONTRACT_LAYERS) {
+  using L = TestType;
+  using S = typename Traits<L>::Scalar;
+  Case<L> c;
+  L layer = c.make();
+  const auto x = c.fx.input(1);
+  const Mat<S> y = layer.forward(x);
+  CHECK(y.rows() == x.rows());
+  CHECK(y.cols() == c.fx.y_cols());
+  CHECK(layer.lora_A().rows() == 3);
+  CHECK(layer.lora_A().cols() == c.fx.a_cols());
+  CHECK(layer.lora_B().rows() == c.fx.b_rows());
+  if constexpr (FixtureOf<L>::has_input_grad) {
+    const Mat<S> dx = layer.backward(Mat<S>::Ones(x.rows(), c.fx.y_cols()));
+    CHECK(dx.rows() == x.rows());
+    CHECK(dx.cols() == x.cols());
+  } else {
+    layer.backward_parameters(Mat<S>::Ones(x.rows(), c.fx.y_cols()));
+  }
+  CHECK_THROWS_WITH(layer.forward(c.fx.bad_input()), Catch::Contains(c.fx.bad_input_message()));
+  layer.forward(x);
+  CHECK_THROWS_WITH(layer.backward_parameters(Mat<S>::Ones(x.rows() + 1, c.fx.y_cols())),
+                    Catch::Contains("got " + std::to_string(x.rows() + 1) + " x " + std::to_string(c.fx.y_cols())));
+  CHECK_THROWS_WITH(layer.set_lora_A(Mat<S>::Ones(3, c.fx.a_cols() + 1)),
+                    Catch::Contains("= 3 x " + std::to_string(c.fx.a_cols()) + ", got 3 x " +
+                                    std::to_string(c.fx.a_cols() + 1)));
+  CHECK_THROWS_WITH(layer.set_lora_B(Mat<S>::Ones(c.fx.b_rows() + 1, 3)),
+                    Catch::Contains("got " + std::to_string(c.fx.b_rows() + 1) + " x 3"));
+}
+
+TEMPLATE_TEST_CASE("Contract: every gradient agrees with finite differences (double)", "[contract][gradients]",
+                   DORA_CONTRACT_LAYERS) {
+  using L = TestType;
+  if constexpr (std::is_same<typename Traits<L>::Scalar, double>::value) {
+    const double p = FixtureOf<L>::has_dropout ? 0.3 : 0.0;
+    if constexpr (Traits<L>::dora) {
+      for (double dropout : {0.0, p}) {
+        finite_differences<L>(dora::NormGradient::exact, dropout, name_of<L>());
+        finite_differences<L>(dora::NormGradient::detached, dropout, name_of<L>());
+      }
+    } else {
+      finite_differences<L>(dora::NormGradient::detached, 0.0, name_of<L>());
+      finite_differences<L>(dora::NormGradient::detached, p, name_of<L>());
+    }
+  } else {
+    SUCCEED("finite differences run in double");
+  }
+}
+
+TEMPLATE_TEST_CASE("Contract: merge / unmerge round trip, and eval output equals the merged layer", "[contract]",
+                   DORA_CONTRACT_LAYERS) {
+  using L = TestType;
+  using S = typename Traits<L>::Scalar;
+  const double tol = std::is_same<S, float>::value ? 2e-5 : 1e-12;
+  Case<L> c;
+  L layer = c.make();
+  Mat<S> merged;
+  if constexpr (Traits<L>::dora) {
+    const dora::DoraMerge<S> m = layer.merge();
+    merged = m.weight;
+    const double err = rel_err(layer.unmerge(m), c.fx.W);
+    std::printf("contract %-28s unmerge(merge) relative error %.2e\n", name_of<L>(), err);
+    CHECK(err <= 10 * tol);
+  } else {
+    merged = layer.merged_weight();
+    const double err = rel_err(layer.unmerge(merged), c.fx.W);
+    std::printf("contract %-28s unmerge(merge) relative error %.2e\n", name_of<L>(), err);
+    CHECK(err <= 10 * tol);
+  }
+  using Plain = typename PlainOf<L>::type;
+  Plain plain(c.fx.base_of(merged), c.config, c.A, Mat<S>::Zero(c.fx.b_rows(), 3));
+  plain.eval();
+  layer.eval();
+  const auto x = c.fx.input(3);
+  const double err = rel_err(layer.forward(x), plain.forward(x));
+  std::printf("contract %-28s eval vs merged layer relative error %.2e\n", name_of<L>(), err);
+  CHECK(err <= tol);
+}
+
+TEMPLATE_TEST_CASE("Contract: zero_grad, accumulation, and parameters() alias the layer", "[contract]",
+                   DORA_CONTRACT_LAYERS) {
+  using L = TestType;
+  using S = typename Traits<L>::Scalar;
+  Case<L> c(dora::NormGradient::exact);
+  L layer = c.make();
+  const auto x = c.fx.input(5);
+  const Mat<S> dy = random_matrix<S>(x.rows(), c.fx.y_cols(), 6);
+  layer.forward(x);
+  layer.backward_parameters(dy);
+  const Mat<S> gA = layer.grad_lora_A(), gB = layer.grad_lora_B();
+  layer.forward(x);
+  layer.backward_parameters(dy);
+  const double tol = std::is_same<S, float>::value ? 1e-6 : 1e-14;
+  CHECK(rel_err(layer.grad_lora_A(), Mat<S>(2 * gA)) <= tol);
+  CHECK(rel_err(layer.grad_lora_B(), Mat<S>(2 * gB)) <= tol);
+  std::vector<dora::Parameter<S>>& params = layer.parameters();
+  REQUIRE(params.size() == (Traits<L>::dora ? 3u : 2u));
+  CHECK(params[0].value.data() == layer.lora_A().data());
+  CHECK(params[1].grad.data() == layer.grad_lora_B().data());
+  CHECK(&layer.parameters() == &params);  // kept, not rebuilt
+  layer.zero_grad();
+  for (const dora::Parameter<S>& p : params) CHECK(p.grad.cwiseAbs().maxCoeff() == S(0));
+  params[0].value.setConstant(S(0.5));
+  CHECK(layer.lora_A()(0, 0) == S(0.5));
+  // A copy gets views of its own storage.
+  L copy = layer;
+  std::vector<dora::Parameter<S>>& copied = copy.parameters();
+  CHECK(copied[0].value.data() == copy.lora_A().data());
+  CHECK(copied[0].value.data() != layer.lora_A().data());
+}
+
+TEMPLATE_TEST_CASE("Contract: no heap allocation in steady state", "[contract][no_malloc]", DORA_CONTRACT_LAYERS) {
+  using L = TestType;
+  using S = typename Traits<L>::Scalar;
+  for (dora::NormGradient mode : {dora::NormGradient::detached, dora::NormGradient::exact}) {
+    for (double dropout : {0.0, 0.3}) {
+      Case<L> c(mode, dropout);
+      L layer = c.make();
+      const auto x = c.fx.input(8);
+      const Mat<S> dy = random_matrix<S>(x.rows(), c.fx.y_cols(), 9);
+      Mat<S> y(x.rows(), c.fx.y_cols());
+      Mat<S> dx(x.rows(), FixtureOf<L>::has_input_grad ? x.cols() : 0);
+      const auto step = [&]() {
+        layer.forward(x, y);
+        if constexpr (FixtureOf<L>::has_input_grad)
+          layer.backward(dy, dx);
+        else
+          layer.backward_parameters(dy);
+        for (dora::Parameter<S>& p : layer.parameters()) p.value -= S(1e-3) * p.grad;
+        layer.zero_grad();
+      };
+      step();  // sizes the workspaces, and an evaluation forward its norm cache
+      layer.eval();
+      layer.forward(x, y);
+      layer.train();
+      Eigen::internal::set_is_malloc_allowed(false);
+      try {
+        step();
+        step();
+        layer.eval();
+        layer.forward(x, y);  // stale cache: the norm is recomputed, into existing buffers
+        layer.forward(x, y);
+        layer.train();
+        step();
+      } catch (...) {
+        Eigen::internal::set_is_malloc_allowed(true);
+        FAIL("a steady-state step allocated (" << name_of<L>() << ", dropout " << dropout << ")");
+      }
+      Eigen::internal::set_is_malloc_allowed(true);
+      CHECK(y.allFinite());
+    }
+  }
+}
