@@ -134,7 +134,9 @@ struct ConvFixture {
     Eigen::Index y_cols() const { return 3 * g.output_volume(); }
     Input input(std::uint64_t seed) const { return random_matrix<S>(2, 2 * 5 * 4, seed); }
     Input bad_input() const { return random_matrix<S>(2, 7, 1); }
-    const char* bad_input_message() const { return "x must be N x (in_channels x input size) = N x 40 (2 x 20), got 2 x 7"; }
+    const char* bad_input_message() const {
+      return "x must be N x (in_channels x input size) = N x 40 (2 x 20), got 2 x 7";
+    }
     dora::ConvBase<S> base_of(const Mat<S>& weight) const { return dora::borrow_conv(weight, b, g); }
     dora::ConvBase<S> base() const { return base_of(W); }
   };
@@ -301,10 +303,10 @@ const char* name_of() {
 
 }  // namespace
 
-#define DORA_CONTRACT_LAYERS                                                                                 \
-  dora::LoraLinear<float>, dora::LoraLinear<double>, dora::DoraLinear<float>, dora::DoraLinear<double>,      \
-      dora::LoraEmbedding<float>, dora::LoraEmbedding<double>, dora::DoraEmbedding<float>,                   \
-      dora::DoraEmbedding<double>, dora::LoraConv<float>, dora::LoraConv<double>, dora::DoraConv<float>,     \
+#define DORA_CONTRACT_LAYERS                                                                             \
+  dora::LoraLinear<float>, dora::LoraLinear<double>, dora::DoraLinear<float>, dora::DoraLinear<double>,  \
+      dora::LoraEmbedding<float>, dora::LoraEmbedding<double>, dora::DoraEmbedding<float>,               \
+      dora::DoraEmbedding<double>, dora::LoraConv<float>, dora::LoraConv<double>, dora::DoraConv<float>, \
       dora::DoraConv<double>
 
 TEMPLATE_TEST_CASE("Contract: shapes, and errors that name the sizes", "[contract]", DORA_CONTRACT_LAYERS) {
@@ -330,9 +332,9 @@ TEMPLATE_TEST_CASE("Contract: shapes, and errors that name the sizes", "[contrac
   layer.forward(x);
   CHECK_THROWS_WITH(layer.backward_parameters(Mat<S>::Ones(x.rows() + 1, c.fx.y_cols())),
                     Catch::Contains("got " + std::to_string(x.rows() + 1) + " x " + std::to_string(c.fx.y_cols())));
-  CHECK_THROWS_WITH(layer.set_lora_A(Mat<S>::Ones(3, c.fx.a_cols() + 1)),
-                    Catch::Contains("= 3 x " + std::to_string(c.fx.a_cols()) + ", got 3 x " +
-                                    std::to_string(c.fx.a_cols() + 1)));
+  CHECK_THROWS_WITH(
+      layer.set_lora_A(Mat<S>::Ones(3, c.fx.a_cols() + 1)),
+      Catch::Contains("= 3 x " + std::to_string(c.fx.a_cols()) + ", got 3 x " + std::to_string(c.fx.a_cols() + 1)));
   CHECK_THROWS_WITH(layer.set_lora_B(Mat<S>::Ones(c.fx.b_rows() + 1, 3)),
                     Catch::Contains("got " + std::to_string(c.fx.b_rows() + 1) + " x 3"));
 }

@@ -46,7 +46,9 @@ struct Case {
   explicit Case(const std::string& n)
       : meta(read_json(kDir + "/" + n + ".json")), ref(kDir + "/" + n + ".safetensors"), name(n) {}
 
-  std::vector<std::int64_t> shape(const std::string& key) const { return meta.at("shapes").at(key).get<std::vector<std::int64_t>>(); }
+  std::vector<std::int64_t> shape(const std::string& key) const {
+    return meta.at("shapes").at(key).get<std::vector<std::int64_t>>();
+  }
   bool has(const std::string& key) const { return meta.at("shapes").contains(key); }
   // A tensor as rows x (everything else): its first axis, or 1 row for a magnitude / norm.
   template <typename Scalar>
@@ -76,8 +78,8 @@ template <typename Scalar>
 void run_embedding(const Case& c, double tol) {
   const Mat<Scalar> W = c.rows_first<Scalar>("W"), A = c.rows_first<Scalar>("A"), B = c.rows_first<Scalar>("B");
   const Mat<Scalar> dy = c.rows_first<Scalar>("dy");
-  const dora::TokenIds ids = Eigen::Map<const dora::TokenIds>(
-      reinterpret_cast<const std::int64_t*>(c.ref.raw("ids")), c.shape("ids")[0]);
+  const dora::TokenIds ids =
+      Eigen::Map<const dora::TokenIds>(reinterpret_cast<const std::int64_t*>(c.ref.raw("ids")), c.shape("ids")[0]);
   const Eigen::Index pad = c.meta.at("padding_idx").is_null() ? dora::EmbeddingBase<Scalar>::no_padding
                                                               : c.meta.at("padding_idx").get<Eigen::Index>();
   const dora::EmbeddingBase<Scalar> base = dora::borrow_embedding(W, pad);

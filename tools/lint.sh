@@ -9,7 +9,7 @@ clang-format --dry-run --Werror "${sources[@]}"
 build=${1:-build-lint}
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_EXPORT_COMPILE_COMMANDS=ON -DDORA_BUILD_BENCH=ON >/dev/null
 # One translation unit per area: every library header is included by at least one of these.
-units=(examples/quickstart.cpp tools/dora_merge.cpp bench/memory.cpp tests/test_layers.cpp tests/test_edge_cases.cpp)
+units=(examples/quickstart.cpp tools/dora_merge.cpp bench/memory.cpp tests/test_layers.cpp tests/test_edge_cases.cpp tests/test_layer_parity.cpp)
 echo "lint: clang-tidy on ${units[*]}"
 for u in "${units[@]}"; do
   clang-tidy -p "$build" --quiet --extra-arg=-std=c++17 "$u"

@@ -32,20 +32,18 @@ namespace dora {
 /// their defaults (kernel/stride/dilation/input 1, padding 0).
 struct ConvGeometry {
   using Index = Eigen::Index;
-  int dims = 2;                      ///< 1, 2 or 3 (Conv1d, Conv2d, Conv3d)
-  Index in_channels = 0;             ///< C_in
-  Index out_channels = 0;            ///< C_out
+  int dims = 2;            ///< 1, 2 or 3 (Conv1d, Conv2d, Conv3d)
+  Index in_channels = 0;   ///< C_in
+  Index out_channels = 0;  ///< C_out
   std::array<Index, 3> kernel{1, 1, 1};
   std::array<Index, 3> stride{1, 1, 1};
   std::array<Index, 3> padding{0, 0, 0};  ///< zeros on both sides, as torch's padding=p
   std::array<Index, 3> dilation{1, 1, 1};
-  std::array<Index, 3> input{1, 1, 1};    ///< spatial size of x
-  Index groups = 1;                  ///< must be 1 (see the file comment)
+  std::array<Index, 3> input{1, 1, 1};  ///< spatial size of x
+  Index groups = 1;                     ///< must be 1 (see the file comment)
 
   /// Output size along axis a: (input + 2 padding - dilation (kernel - 1) - 1) / stride + 1.
-  Index output(int a) const {
-    return (input[a] + 2 * padding[a] - dilation[a] * (kernel[a] - 1) - 1) / stride[a] + 1;
-  }
+  Index output(int a) const { return (input[a] + 2 * padding[a] - dilation[a] * (kernel[a] - 1) - 1) / stride[a] + 1; }
   Index kernel_volume() const { return kernel[0] * kernel[1] * kernel[2]; }
   Index input_volume() const { return input[0] * input[1] * input[2]; }
   Index output_volume() const { return output(0) * output(1) * output(2); }
@@ -153,8 +151,8 @@ void im2col(const ConvGeometry& g, const In& x, Matrix<Scalar>& cols) {
                 const Index i1 = p1 * g.stride[1] - g.padding[1] + k1 * g.dilation[1];
                 for (Index k2 = 0; k2 < g.kernel[2]; ++k2, ++k) {
                   const Index i2 = p2 * g.stride[2] - g.padding[2] + k2 * g.dilation[2];
-                  const bool inside = i0 >= 0 && i0 < g.input[0] && i1 >= 0 && i1 < g.input[1] && i2 >= 0 &&
-                                      i2 < g.input[2];
+                  const bool inside =
+                      i0 >= 0 && i0 < g.input[0] && i1 >= 0 && i1 < g.input[1] && i2 >= 0 && i2 < g.input[2];
                   row[k] = inside ? xc[(i0 * g.input[1] + i1) * g.input[2] + i2] : Scalar(0);
                 }
               }
@@ -259,10 +257,11 @@ class ConvAdapter : public Dense<Derived, Scalar> {
   Index saved_batch() const { return conv_batch_; }
 
   void check_input(const Eigen::Ref<const MatrixType>& x, const Eigen::Ref<MatrixType>& y) const {
-    DORA_CHECK_ARG(x.cols() == input_cols(), "x must be N x (in_channels x input size) = N x ", input_cols(),
-                   " (", geometry_.in_channels, " x ", geometry_.input_volume(), "), got ", x.rows(), " x ", x.cols());
-    DORA_CHECK_ARG(y.rows() == x.rows() && y.cols() == output_cols(), "y must be N x (out_channels x output size) = ",
-                   x.rows(), " x ", output_cols(), ", got ", y.rows(), " x ", y.cols());
+    DORA_CHECK_ARG(x.cols() == input_cols(), "x must be N x (in_channels x input size) = N x ", input_cols(), " (",
+                   geometry_.in_channels, " x ", geometry_.input_volume(), "), got ", x.rows(), " x ", x.cols());
+    DORA_CHECK_ARG(y.rows() == x.rows() && y.cols() == output_cols(),
+                   "y must be N x (out_channels x output size) = ", x.rows(), " x ", output_cols(), ", got ", y.rows(),
+                   " x ", y.cols());
     DORA_CHECK_ARG(!overlaps(x.data(), x.size(), y.data(), y.size()), "y must not share memory with x");
   }
 

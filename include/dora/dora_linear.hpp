@@ -182,8 +182,8 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
     this->saved_ = false;
   }
 
-  MatrixType H_;   // [h; P^T] after forward, [Gg; s (diag(beta) B)^T] in backward
-  MatrixType Qt_;  // P^T when the forward did not stack A (allocated only then)
+  MatrixType H_;       // [h; P^T] after forward, [Gg; s (diag(beta) B)^T] in backward
+  MatrixType Qt_;      // P^T when the forward did not stack A (allocated only then)
   Index stacked_ = 0;  // rows of A stacked under x in the last forward (r, or 0 with a cached norm)
 };
 

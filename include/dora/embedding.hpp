@@ -42,8 +42,8 @@ struct EmbeddingBase {
                 Eigen::Index row_stride, Eigen::Index padding_idx)
       : weight(weight_data, num_embeddings, embedding_dim, Eigen::OuterStride<>(row_stride)) {
     DORA_CHECK_ARG(weight_data != nullptr, "embedding table data is null");
-    DORA_CHECK_ARG(num_embeddings >= 1 && embedding_dim >= 1, "embedding table must be non-empty, got ",
-                   num_embeddings, " x ", embedding_dim);
+    DORA_CHECK_ARG(num_embeddings >= 1 && embedding_dim >= 1, "embedding table must be non-empty, got ", num_embeddings,
+                   " x ", embedding_dim);
     DORA_CHECK_ARG(row_stride >= embedding_dim, "embedding table row stride ", row_stride,
                    " is less than embedding_dim ", embedding_dim);
     if (padding_idx != no_padding) {
@@ -58,7 +58,7 @@ struct EmbeddingBase {
   bool has_padding_idx() const { return padding_idx != no_padding; }
 
   static constexpr Eigen::Index no_padding = std::numeric_limits<Eigen::Index>::min();
-  WeightMap weight;                    ///< W, num_embeddings x embedding_dim
+  WeightMap weight;                       ///< W, num_embeddings x embedding_dim
   Eigen::Index padding_idx = no_padding;  ///< in [0, num_embeddings), or no_padding
 };
 
@@ -79,9 +79,9 @@ EmbeddingBase<Scalar> borrow_embedding(const Scalar* weight, Eigen::Index num_em
 
 namespace detail {
 
-inline constexpr FactorSpec kEmbeddingFactors{"lora_embedding_A", "lora_embedding_B", "num_embeddings",
-                                              "embedding_dim",    true,               "embedding_dim",
-                                              "(no input gradient)"};
+inline constexpr FactorSpec kEmbeddingFactors{
+    "lora_embedding_A", "lora_embedding_B",   "num_embeddings", "embedding_dim", true,
+    "embedding_dim",    "(no input gradient)"};
 
 /// What LoRA and DoRA embeddings share: the lookup, the saved ids and u = A^T[ids], the scatter-add.
 template <typename Derived, typename Scalar>
@@ -112,8 +112,8 @@ class EmbeddingAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const TokenI
   Index saved_batch() const { return this->batch_; }
 
   void check_ids(const Eigen::Ref<const TokenIds>& ids, const Eigen::Ref<MatrixType>& y) const {
-    DORA_CHECK_ARG(y.rows() == ids.rows() && y.cols() == embedding_dim(), "y must be N x embedding_dim = ",
-                   ids.rows(), " x ", embedding_dim(), ", got ", y.rows(), " x ", y.cols());
+    DORA_CHECK_ARG(y.rows() == ids.rows() && y.cols() == embedding_dim(), "y must be N x embedding_dim = ", ids.rows(),
+                   " x ", embedding_dim(), ", got ", y.rows(), " x ", y.cols());
     for (Index t = 0; t < ids.rows(); ++t) {
       DORA_CHECK_ARG(ids[t] >= 0 && ids[t] < num_embeddings(), "ids[", t, "] = ", ids[t],
                      " is outside [0, num_embeddings) = [0, ", num_embeddings(), ")");
@@ -276,8 +276,8 @@ class DoraEmbedding : public detail::EmbeddingAdapter<DoraEmbedding<Scalar>, Sca
   MatrixType unmerge(const DoraMerge<Scalar>& merged) const {
     const Index V = this->num_embeddings(), E = this->embedding_dim();
     DORA_CHECK_ARG(merged.weight.rows() == V && merged.weight.cols() == E && merged.scale.size() == E,
-                   "merged table must be num_embeddings x embedding_dim = ", V, " x ", E, " with ", E,
-                   " scales, got ", merged.weight.rows(), " x ", merged.weight.cols(), " and ", merged.scale.size());
+                   "merged table must be num_embeddings x embedding_dim = ", V, " x ", E, " with ", E, " scales, got ",
+                   merged.weight.rows(), " x ", merged.weight.cols(), " and ", merged.scale.size());
     MatrixType W(V, E);
     for (Index j = 0; j < E; ++j) {
       const Scalar g = merged.scale[j];

@@ -50,13 +50,13 @@ bool overlaps(const Scalar* a, Eigen::Index na, const Scalar* b, Eigen::Index nb
 
 /// How a layer type names and initialises its factors (PEFT's reset_lora_parameters).
 struct FactorSpec {
-  const char* a_name;      ///< "lora_A" / "lora_embedding_A"
-  const char* b_name;      ///< "lora_B" / "lora_embedding_B"
-  const char* a_cols;      ///< what A's columns are, for messages ("d_in", "in_channels x kernel", ...)
-  const char* b_rows;      ///< what B's rows are ("d_out", "out_channels", "embedding_dim")
-  bool embedding_init;     ///< PEFT's embedding rule: A = 0, B ~ N(0, 1); else A per Init, B = 0
-  const char* y_cols;      ///< what the columns of y (and dy) are, for messages
-  const char* x_cols;      ///< what the columns of x (and dx) are, for messages
+  const char* a_name;   ///< "lora_A" / "lora_embedding_A"
+  const char* b_name;   ///< "lora_B" / "lora_embedding_B"
+  const char* a_cols;   ///< what A's columns are, for messages ("d_in", "in_channels x kernel", ...)
+  const char* b_rows;   ///< what B's rows are ("d_out", "out_channels", "embedding_dim")
+  bool embedding_init;  ///< PEFT's embedding rule: A = 0, B ~ N(0, 1); else A per Init, B = 0
+  const char* y_cols;   ///< what the columns of y (and dy) are, for messages
+  const char* x_cols;   ///< what the columns of x (and dx) are, for messages
 };
 
 template <typename Derived, typename Scalar, typename InputRef>
@@ -97,8 +97,8 @@ class Adapter {
     A_ = A;
   }
   void set_lora_B(const Eigen::Ref<const MatrixType>& B) {
-    DORA_CHECK_ARG(B.rows() == B_.rows() && B.cols() == rank(), spec_.b_name, " must be ", spec_.b_rows, " x r = ",
-                   B_.rows(), " x ", rank(), ", got ", B.rows(), " x ", B.cols());
+    DORA_CHECK_ARG(B.rows() == B_.rows() && B.cols() == rank(), spec_.b_name, " must be ", spec_.b_rows,
+                   " x r = ", B_.rows(), " x ", rank(), ", got ", B.rows(), " x ", B.cols());
     B_ = B;
   }
 
@@ -149,12 +149,14 @@ class Adapter {
   /// Accumulates the parameter gradients from dy and writes dx (the input gradient). Releases the
   /// saved activations.
   void backward(const Eigen::Ref<const MatrixType>& dy, Eigen::Ref<MatrixType> dx) {
-    static_assert(Derived::kHasInputGradient, "dora: this layer's input is not differentiable (use backward_parameters)");
+    static_assert(Derived::kHasInputGradient,
+                  "dora: this layer's input is not differentiable (use backward_parameters)");
     check_grad_output(dy, &dx);
     derived().backward_impl(dy, &dx);
   }
   MatrixType backward(const Eigen::Ref<const MatrixType>& dy) {
-    static_assert(Derived::kHasInputGradient, "dora: this layer's input is not differentiable (use backward_parameters)");
+    static_assert(Derived::kHasInputGradient,
+                  "dora: this layer's input is not differentiable (use backward_parameters)");
     MatrixType dx(derived().saved_batch(), derived().input_cols());
     backward(dy, dx);
     return dx;

@@ -112,14 +112,14 @@ class DoraMagnitude {
   /// n and g from a P^T = A W^T (r x d_out) the layer computed with its own product.
   template <typename PTMatrix>
   void compute_norm_with(const Eigen::MatrixBase<PTMatrix>& PT) {
-    rows_recomputed_ = norm_.compute_with(self().lowered_weight(), w_sq_, self().lora_A(), self().lora_B(),
-                                          self().scaling(), PT, n_);
+    rows_recomputed_ =
+        norm_.compute_with(self().lowered_weight(), w_sq_, self().lora_A(), self().lora_B(), self().scaling(), PT, n_);
     update_scale_from_norm();
   }
   /// n and g with P^T computed here (evaluation mode, or a layer that has no stacked product).
   void compute_norm_alone() {
-    rows_recomputed_ = norm_.compute(self().lowered_weight(), w_sq_, self().lora_A(), self().lora_B(),
-                                     self().scaling(), n_);
+    rows_recomputed_ =
+        norm_.compute(self().lowered_weight(), w_sq_, self().lora_A(), self().lora_B(), self().scaling(), n_);
     update_scale_from_norm();
   }
   /// P^T from the last compute_norm_alone().
