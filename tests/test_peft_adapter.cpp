@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <csignal>
+#include <cstdlib>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -1829,5 +1830,358 @@ TEST_CASE("PeftAdapterWriter writes Embedding and Conv modules under PEFT's name
                       Catch::Contains("1, 2 or 3 sizes"));
     CHECK_THROWS_WITH(w.add_conv("c", cfg, 3, {3, 3}, MatD::Ones(4, 27), MatD::Ones(5, 4), Eigen::VectorXd::Ones(4)),
                       Catch::Contains("magnitude has 4 entries"));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding and ConvNd layers saved with PeftAdapterWriter::add(path, layer) and rebuilt with
+// make_{lora,dora}_{embedding,conv}: for every case of tests/data/layers, a layer built from the
+// case's A, B (and m) is written, read back, rebuilt on the same base, and must compute the same
+// forward bit for bit, which must be PEFT's y (1e-12 relative in double, 1e-5 in float).
+//
+// With DORA_PEFT_LAYERS_OUT=DIR in the environment, each case also goes to DIR/<case>/ for
+// tools/check_peft_load.py (real PEFT loads the adapter onto a torch module of the same shape and
+// compares its forward with the C++ one): adapter/, base_model.safetensors (layer.weight [+ bias]),
+// io.safetensors (x.layer or ids.layer, y.layer = the C++ forward, torch's shapes),
+// merged_model.safetensors (dora::io::merge_checkpoint) and module.json (the torch module).
+// tests/data/peft_layers/written/ holds such a run, with the check's output; the adapters written
+// now must equal its adapter_model.safetensors byte for byte.
+
+namespace {
+
+const std::string kWritten = std::string(DORA_TEST_DATA_DIR) + "/peft_layers/written";
+
+// What a layer case's base module is, as in tools/make_layer_reference.py.
+dora::ConvGeometry case_geometry(const LayerCase& c, const SafetensorsReader& ref) {
+  dora::ConvGeometry g;
+  const std::vector<std::int64_t>& x = ref.info("x").shape;
+  g.dims = static_cast<int>(x.size()) - 2;
+  g.in_channels = c.meta.at("in_channels").get<Eigen::Index>();
+  g.out_channels = c.meta.at("out_channels").get<Eigen::Index>();
+  g.groups = c.meta.at("groups").get<Eigen::Index>();
+  for (int a = 0; a < g.dims; ++a) {
+    g.kernel[a] = c.meta.at("kernel_size")[a].get<Eigen::Index>();
+    g.stride[a] = c.meta.at("stride")[a].get<Eigen::Index>();
+    g.padding[a] = c.meta.at("padding")[a].get<Eigen::Index>();
+    g.dilation[a] = c.meta.at("dilation")[a].get<Eigen::Index>();
+    g.input[a] = x[a + 2];
+  }
+  return g;
+}
+
+// A tensor of any rank as (first axis) x (the rest), converted to Scalar.
+template <typename Scalar>
+dora::Matrix<Scalar> rows_first(const SafetensorsReader& r, const std::string& key) {
+  const TensorInfo& t = r.info(key);
+  const Eigen::Index rows = t.shape.empty() ? 1 : t.shape[0];
+  return r.reshaped<Scalar>(key, rows, t.numel() / rows);
+}
+
+template <typename MA, typename MB>
+bool bitwise_equal(const MA& a, const MB& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(*a.data())) == 0;
+}
+
+// The message of the PeftError that f throws ("<no error>" if none).
+template <typename F>
+std::string peft_error_of(F&& f) {
+  try {
+    f();
+  } catch (const dora::io::PeftError& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+void check_message(const std::string& msg, const std::vector<std::string>& needles) {
+  std::cout << "refused: " << msg << "\n";
+  INFO("error: " << msg);
+  for (const std::string& n : needles) CHECK(msg.find(n) != std::string::npos);
+}
+
+// Writes `layer` as module "layer" of an adapter in `dir`/adapter, reads it back, rebuilds it with
+// `build` (PeftAdapter -> layer) and checks the round trip; returns the original layer's forward.
+template <typename Layer, typename Input, typename Build>
+typename Layer::MatrixType round_trip(const LayerCase& c, Layer& layer, const Input& input, const std::string& dir,
+                                      Build build) {
+  dora::io::PeftAdapterWriter writer(c.f64 ? Dtype::F64 : Dtype::F32);
+  writer.add("layer", layer);
+  writer.write(dir + "/adapter");
+  const PeftAdapter back(dir + "/adapter");
+  REQUIRE(back.modules().size() == 1);
+  CHECK(back.module("layer").scaling == Approx(c.meta.at("scaling").get<double>()).epsilon(1e-15));
+  Layer rebuilt = build(back);
+  CHECK(bitwise_equal(rebuilt.lora_A(), layer.lora_A()));
+  CHECK(bitwise_equal(rebuilt.lora_B(), layer.lora_B()));
+  CHECK(rebuilt.config().rank == layer.config().rank);
+  CHECK(rebuilt.config().alpha == layer.config().alpha);
+  CHECK(rebuilt.config().use_rslora == layer.config().use_rslora);
+  layer.eval();
+  const typename Layer::MatrixType y = layer.forward(input);
+  const typename Layer::MatrixType y_back = rebuilt.forward(input);
+  const bool same = bitwise_equal(y_back, y);
+  std::cout << c.name << ": rebuilt layer's forward bit for bit equal to the original's: " << (same ? "yes" : "NO")
+            << "\n";
+  CHECK(same);
+  // The adapter written now is the committed one byte for byte (tests/data/peft_layers/written).
+  const std::string committed = kWritten + "/" + c.name + "/adapter/adapter_model.safetensors";
+  if (exists(committed)) {
+    const bool same_file = read_bytes(committed) == read_bytes(dir + "/adapter/adapter_model.safetensors");
+    INFO("committed adapter " << committed);
+    CHECK(same_file);
+  }
+  return y;
+}
+
+// DIR/<case>/ for tools/check_peft_load.py (see the comment above).
+template <typename Scalar>
+void export_case(const LayerCase& c, const SafetensorsReader& ref, const std::string& from,
+                 const dora::Matrix<Scalar>& y, const std::string& out_root) {
+  const std::string out = out_root + "/" + c.name;
+  remove_tree(out);
+  REQUIRE(::mkdir(out.c_str(), 0755) == 0);
+  REQUIRE(::mkdir((out + "/adapter").c_str(), 0755) == 0);
+  for (const char* f : {"adapter_config.json", "adapter_model.safetensors"})
+    write_bytes(out + "/adapter/" + f, read_bytes(from + "/adapter/" + f));
+  {
+    SafetensorsWriter b(out + "/base_model.safetensors");
+    copy_tensor(ref, "W", b, "layer.weight");
+    if (ref.contains("bias")) copy_tensor(ref, "bias", b, "layer.bias");
+    b.finish();
+  }
+  {
+    SafetensorsWriter io(out + "/io.safetensors");
+    if (c.embedding)
+      copy_tensor(ref, "ids", io, "ids.layer");
+    else
+      copy_tensor(ref, "x", io, "x.layer");
+    io.add_raw("y.layer", c.f64 ? Dtype::F64 : Dtype::F32, ref.info("y").shape, y.data(),
+               static_cast<std::size_t>(y.size()) * sizeof(Scalar));
+    io.finish();
+  }
+  dora::io::merge_checkpoint(out + "/base_model.safetensors", out + "/adapter", out + "/merged_model.safetensors");
+  nlohmann::json mod = {{"path", "layer"}, {"dtype", c.f64 ? "float64" : "float32"}};
+  if (c.embedding) {
+    mod["type"] = "Embedding";
+    mod["num_embeddings"] = ref.info("W").shape[0];
+    mod["embedding_dim"] = ref.info("W").shape[1];
+    mod["padding_idx"] = c.meta.at("padding_idx");
+  } else {
+    mod["type"] = "Conv" + std::to_string(ref.info("x").shape.size() - 2) + "d";
+    for (const char* k : {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias"})
+      mod[k] = c.meta.at(k);
+  }
+  write_text(out + "/module.json", mod.dump(2) + "\n");
+}
+
+template <typename Scalar>
+void layer_round_trip(const LayerCase& c, double tol) {
+  using M = dora::Matrix<Scalar>;
+  const SafetensorsReader ref(kLayers + "/" + c.name + ".safetensors");
+  const M W = rows_first<Scalar>(ref, "W"), A = rows_first<Scalar>(ref, "A"), B = rows_first<Scalar>(ref, "B");
+  dora::Vector<Scalar> m;
+  if (c.dora) m = ref.reshaped<Scalar>("m", ref.info("m").numel(), 1).col(0);
+  dora::AdapterConfig cfg;
+  cfg.rank = A.rows();
+  cfg.alpha = c.meta.at("alpha").get<double>();
+  cfg.use_rslora = c.meta.at("use_rslora").get<bool>();
+  TempDir tmp;
+  M y;
+  if (c.embedding) {
+    const dora::TokenIds ids = Eigen::Map<const dora::TokenIds>(reinterpret_cast<const std::int64_t*>(ref.raw("ids")),
+                                                                ref.info("ids").numel());
+    const Eigen::Index pad = c.meta.at("padding_idx").is_null() ? dora::EmbeddingBase<Scalar>::no_padding
+                                                                : c.meta.at("padding_idx").get<Eigen::Index>();
+    const dora::EmbeddingBase<Scalar> base = dora::borrow_embedding(W, pad);
+    if (c.dora) {
+      dora::DoraEmbedding<Scalar> layer(base, cfg, A, B);
+      layer.set_magnitude(m);
+      y = round_trip(c, layer, ids, tmp.path, [&](const PeftAdapter& a) {
+        dora::DoraEmbedding<Scalar> l = a.make_dora_embedding<Scalar>("layer", base);
+        CHECK(bitwise_equal(l.magnitude(), layer.magnitude()));
+        return l;
+      });
+    } else {
+      dora::LoraEmbedding<Scalar> layer(base, cfg, A, B);
+      y = round_trip(c, layer, ids, tmp.path,
+                     [&](const PeftAdapter& a) { return a.make_lora_embedding<Scalar>("layer", base); });
+    }
+  } else {
+    const dora::ConvGeometry g = case_geometry(c, ref);
+    REQUIRE(g.groups == 1);
+    const M x = rows_first<Scalar>(ref, "x");
+    const dora::Vector<Scalar> bias =
+        ref.contains("bias") ? dora::Vector<Scalar>(ref.reshaped<Scalar>("bias", ref.info("bias").numel(), 1).col(0))
+                             : dora::Vector<Scalar>();
+    const dora::ConvBase<Scalar> base = bias.size() > 0 ? dora::borrow_conv(W, bias, g) : dora::borrow_conv(W, g);
+    if (c.dora) {
+      dora::DoraConv<Scalar> layer(base, cfg, A, B);
+      layer.set_magnitude(m);
+      y = round_trip(c, layer, x, tmp.path, [&](const PeftAdapter& a) {
+        dora::DoraConv<Scalar> l = a.make_dora_conv<Scalar>("layer", base);
+        CHECK(bitwise_equal(l.magnitude(), layer.magnitude()));
+        return l;
+      });
+    } else {
+      dora::LoraConv<Scalar> layer(base, cfg, A, B);
+      y = round_trip(c, layer, x, tmp.path, [&](const PeftAdapter& a) { return a.make_lora_conv<Scalar>("layer", base); });
+    }
+  }
+  const M y_peft = rows_first<Scalar>(ref, "y");
+  REQUIRE(y.rows() == y_peft.rows());
+  REQUIRE(y.cols() == y_peft.cols());
+  const double err = rel_err(y, y_peft);
+  std::printf("%-40s forward of the layer rebuilt from the written adapter vs PEFT's y: relative error %.2e "
+              "(tolerance %.0e)\n",
+              c.name.c_str(), err, tol);
+  INFO(c.name << ": relative error vs PEFT's y " << err << ", tolerance " << tol);
+  CHECK(err <= tol);
+  if (const char* out = std::getenv("DORA_PEFT_LAYERS_OUT")) export_case<Scalar>(c, ref, tmp.path, y, out);
+}
+
+}  // namespace
+
+TEST_CASE("Embedding and Conv layers written with PeftAdapterWriter::add reload bit for bit and match PEFT",
+          "[peft][save][layers]") {
+  int round_trips = 0, grouped = 0;
+  for (const std::string& name : layer_cases()) {
+    const LayerCase c = layer_case(name);
+    INFO("case " << name);
+    if (!c.embedding && c.meta.at("groups").get<Eigen::Index>() != 1) {
+      // LoraConv / DoraConv refuse grouped convolutions; an adapter of one (written from its
+      // matrices) is refused by the builders, naming why.
+      const SafetensorsReader ref(kLayers + "/" + name + ".safetensors");
+      const TensorInfo& at = ref.info("A");
+      const MatD A = rows_first<double>(ref, "A"), B = rows_first<double>(ref, "B");
+      Eigen::VectorXd m;
+      if (c.dora) m = ref.reshaped<double>("m", ref.info("m").numel(), 1).col(0);
+      dora::AdapterConfig cfg;
+      cfg.rank = A.rows();
+      cfg.alpha = c.meta.at("alpha").get<double>();
+      dora::io::PeftAdapterWriter w(Dtype::F64);
+      const Eigen::Index groups = c.meta.at("groups").get<Eigen::Index>();
+      w.add_conv("layer", cfg, at.shape[1], std::vector<std::int64_t>(at.shape.begin() + 2, at.shape.end()), A, B, m,
+                 groups);
+      TempDir tmp;
+      w.write(tmp / "adapter");
+      const PeftAdapter a(tmp / "adapter");
+      // A base of the module's channels and kernel, groups 1 (the only kind ConvBase takes).
+      dora::ConvGeometry g = case_geometry(c, ref);
+      g.groups = 1;
+      const MatD W = MatD::Zero(g.out_channels, g.patch_size());
+      const dora::ConvBase<double> base = dora::borrow_conv(W, g);
+      const std::string msg = peft_error_of([&] {
+        if (c.dora)
+          a.make_dora_conv<double>("layer", base);
+        else
+          a.make_lora_conv<double>("layer", base);
+      });
+      check_message(msg, {"module 'layer'", "grouped Conv2d", "groups 2", "groups = 1 only", "cannot merge"});
+      ++grouped;
+      continue;
+    }
+    if (c.f64)
+      layer_round_trip<double>(c, 1e-12);
+    else
+      layer_round_trip<float>(c, 1e-5);
+    ++round_trips;
+  }
+  std::cout << "layers written, reloaded and matched with PEFT: " << round_trips
+            << ", grouped convolutions refused by the builders: " << grouped << "\n";
+  CHECK(round_trips == 25);
+  CHECK(grouped == 2);
+}
+
+TEST_CASE("the Embedding and Conv builders refuse a base of another shape or a module of another kind",
+          "[peft][layers][hostile]") {
+  // An embedding module (V = 20, dim 12, DoRA) and a Conv2d one (out 5, in 3, kernel 3x3, LoRA).
+  TempDir tmp;
+  dora::AdapterConfig cfg;
+  cfg.rank = 4;
+  cfg.alpha = 8;
+  const MatD We = dora_test::random_matrix<double>(20, 12, 1);
+  const MatD Ae = dora_test::random_matrix<double>(4, 20, 2), Be = dora_test::random_matrix<double>(12, 4, 3);
+  {
+    dora::io::PeftAdapterWriter w(Dtype::F64);
+    w.add("emb", dora::DoraEmbedding<double>(dora::borrow_embedding(We), cfg, Ae, Be));
+    w.write(tmp / "dora");
+  }
+  dora::ConvGeometry g;
+  g.dims = 2;
+  g.in_channels = 3;
+  g.out_channels = 5;
+  g.kernel = {3, 3, 1};
+  g.input = {6, 7, 1};
+  const MatD Wc = dora_test::random_matrix<double>(5, 27, 4);
+  const MatD Ac = dora_test::random_matrix<double>(4, 27, 5), Bc = dora_test::random_matrix<double>(5, 4, 6);
+  {
+    dora::io::PeftAdapterWriter w(Dtype::F64);
+    w.add("conv", dora::LoraConv<double>(dora::borrow_conv(Wc, g), cfg, Ac, Bc));
+    w.write(tmp / "lora");
+  }
+  const PeftAdapter dora_ad(tmp / "dora"), lora_ad(tmp / "lora");
+  CHECK(dora_ad.module("emb").kind_name() == "Embedding");
+  CHECK(lora_ad.module("conv").kind_name() == "Conv2d");
+  CHECK(lora_ad.tensors().info("base_model.model.conv.lora_A.weight").shape == std::vector<std::int64_t>{4, 3, 3, 3});
+
+  SECTION("an embedding table of another vocabulary or width") {
+    const MatD V21 = MatD::Zero(21, 12), E11 = MatD::Zero(20, 11);
+    check_message(peft_error_of([&] { dora_ad.make_dora_embedding<double>("emb", dora::borrow_embedding(V21)); }),
+                  {"'emb.weight'", "[21, 12]", "needs [20, 12]", "[num_embeddings, embedding_dim]",
+                   "Embedding module 'emb'", "[4, 20]", "[12, 4]"});
+    check_message(peft_error_of([&] { dora_ad.make_dora_embedding<double>("emb", dora::borrow_embedding(E11)); }),
+                  {"[20, 11]", "needs [20, 12]"});
+    // The same table transposed (a Linear layer's [d_out, d_in] view of it) is refused too.
+    const MatD T = MatD::Zero(12, 20);
+    check_message(peft_error_of([&] { dora_ad.make_dora_embedding<double>("emb", dora::borrow_embedding(T)); }),
+                  {"[12, 20]", "needs [20, 12]"});
+  }
+  SECTION("a convolution of another kernel, channel count or dimension") {
+    dora::ConvGeometry k32 = g;
+    k32.kernel = {3, 2, 1};
+    const MatD W32 = MatD::Zero(5, 18);
+    check_message(peft_error_of([&] { lora_ad.make_lora_conv<double>("conv", dora::borrow_conv(W32, k32)); }),
+                  {"'conv.weight'", "[5, 3, 3, 2]", "needs [5, 3, 3, 3]", "Conv2d module 'conv'", "[4, 3, 3, 3]",
+                   "[5, 4, 1, 1]"});
+    dora::ConvGeometry out6 = g;
+    out6.out_channels = 6;
+    const MatD W6 = MatD::Zero(6, 27);
+    check_message(peft_error_of([&] { lora_ad.make_lora_conv<double>("conv", dora::borrow_conv(W6, out6)); }),
+                  {"[6, 3, 3, 3]", "needs [5, 3, 3, 3]"});
+    dora::ConvGeometry in4 = g;
+    in4.in_channels = 4;
+    const MatD W4 = MatD::Zero(5, 36);
+    check_message(peft_error_of([&] { lora_ad.make_lora_conv<double>("conv", dora::borrow_conv(W4, in4)); }),
+                  {"[5, 4, 3, 3]", "needs [5, 3, 3, 3]"});
+    // Conv3d with kernel (3, 3, 1): the same element count, another rank.
+    dora::ConvGeometry d3 = g;
+    d3.dims = 3;
+    check_message(peft_error_of([&] { lora_ad.make_lora_conv<double>("conv", dora::borrow_conv(Wc, d3)); }),
+                  {"[5, 3, 3, 3, 1]", "needs [5, 3, 3, 3]"});
+  }
+  SECTION("a module of another kind, or LoRA for DoRA") {
+    const dora::ConvBase<double> cb = dora::borrow_conv(Wc, g);
+    const dora::EmbeddingBase<double> eb = dora::borrow_embedding(We);
+    check_message(peft_error_of([&] { dora_ad.make_dora_conv<double>("emb", cb); }),
+                  {"'emb' is an Embedding adapter, not a Conv one", "make_dora_conv()", "use make_dora_embedding()"});
+    check_message(peft_error_of([&] { lora_ad.make_lora_embedding<double>("conv", eb); }),
+                  {"'conv' is a Conv2d adapter, not an Embedding one", "use make_lora_conv()"});
+    check_message(peft_error_of([&] { dora_ad.make_lora_embedding<double>("emb", eb); }),
+                  {"'emb' is DoRA", "use make_dora_embedding()"});
+    check_message(peft_error_of([&] { lora_ad.make_dora_conv<double>("conv", cb); }),
+                  {"'conv' is LoRA (no magnitude)", "use make_lora_conv()"});
+    check_message(peft_error_of([&] { lora_ad.make_lora<double>("conv", dora::borrow(Wc)); }),
+                  {"'conv' is a Conv2d adapter, not a Linear one", "use make_lora_conv()"});
+    check_message(peft_error_of([&] { dora_ad.make_dora_embedding<double>("nope", eb); }),
+                  {"no adapted module 'nope'"});
+  }
+  SECTION("the builders' layers are the written ones") {
+    const dora::DoraEmbedding<double> e = dora_ad.make_dora_embedding<double>("emb", dora::borrow_embedding(We));
+    CHECK(bitwise_equal(e.lora_A(), Ae));
+    CHECK(bitwise_equal(e.lora_B(), Be));
+    const dora::LoraConv<double> l = lora_ad.make_lora_conv<double>("conv", dora::borrow_conv(Wc, g));
+    CHECK(bitwise_equal(l.lora_A(), Ac));
+    CHECK(bitwise_equal(l.lora_B(), Bc));
   }
 }
