@@ -198,3 +198,29 @@ TEST_CASE("Every Embedding and Conv case in tests/data/layers agrees with PEFT 0
     }
   }
 }
+
+TEST_CASE("Embedding: the detached backward touches only the columns of A the ids hit", "[layers][embedding]") {
+  const Mat<double> table = random_matrix<double>(50, 8, 1);
+  dora::AdapterConfig config;
+  config.rank = 3;
+  const Mat<double> A = random_matrix<double>(3, 50, 2), B = random_matrix<double>(8, 3, 3);
+  dora::TokenIds ids(6);
+  ids << 4, 9, 4, 17, 30, 9;
+  const Mat<double> dy = random_matrix<double>(6, 8, 4);
+  for (dora::NormGradient mode : {dora::NormGradient::detached, dora::NormGradient::exact}) {
+    config.norm_gradient = mode;
+    dora::DoraEmbedding<double> layer(dora::borrow_embedding(table, 17), config, A, B);
+    layer.forward(ids);
+    layer.backward_parameters(dy);
+    Eigen::Index touched = 0;
+    for (Eigen::Index v = 0; v < 50; ++v) touched += layer.grad_lora_A().col(v).cwiseAbs().maxCoeff() != 0.0;
+    std::printf("embedding %s: %ld of 50 columns of grad A are nonzero\n",
+                mode == dora::NormGradient::exact ? "exact" : "detached", static_cast<long>(touched));
+    if (mode == dora::NormGradient::detached) {
+      CHECK(touched == 3);  // ids 4, 9, 30; 17 is padding_idx
+      CHECK(layer.grad_lora_A().col(17).cwiseAbs().maxCoeff() == 0.0);
+    } else {
+      CHECK(touched == 50);  // the norm moves with every column of A
+    }
+  }
+}
