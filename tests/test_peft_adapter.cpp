@@ -16,9 +16,9 @@
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <csignal>
-#include <cstdlib>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <dora/io/peft_adapter.hpp>
 #include <fstream>
@@ -1969,7 +1969,8 @@ void export_case(const LayerCase& c, const SafetensorsReader& ref, const std::st
     mod["padding_idx"] = c.meta.at("padding_idx");
   } else {
     mod["type"] = "Conv" + std::to_string(ref.info("x").shape.size() - 2) + "d";
-    for (const char* k : {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias"})
+    for (const char* k :
+         {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias"})
       mod[k] = c.meta.at(k);
   }
   write_text(out + "/module.json", mod.dump(2) + "\n");
@@ -2025,16 +2026,18 @@ void layer_round_trip(const LayerCase& c, double tol) {
       });
     } else {
       dora::LoraConv<Scalar> layer(base, cfg, A, B);
-      y = round_trip(c, layer, x, tmp.path, [&](const PeftAdapter& a) { return a.make_lora_conv<Scalar>("layer", base); });
+      y = round_trip(c, layer, x, tmp.path,
+                     [&](const PeftAdapter& a) { return a.make_lora_conv<Scalar>("layer", base); });
     }
   }
   const M y_peft = rows_first<Scalar>(ref, "y");
   REQUIRE(y.rows() == y_peft.rows());
   REQUIRE(y.cols() == y_peft.cols());
   const double err = rel_err(y, y_peft);
-  std::printf("%-40s forward of the layer rebuilt from the written adapter vs PEFT's y: relative error %.2e "
-              "(tolerance %.0e)\n",
-              c.name.c_str(), err, tol);
+  std::printf(
+      "%-40s forward of the layer rebuilt from the written adapter vs PEFT's y: relative error %.2e "
+      "(tolerance %.0e)\n",
+      c.name.c_str(), err, tol);
   INFO(c.name << ": relative error vs PEFT's y " << err << ", tolerance " << tol);
   CHECK(err <= tol);
   if (const char* out = std::getenv("DORA_PEFT_LAYERS_OUT")) export_case<Scalar>(c, ref, tmp.path, y, out);

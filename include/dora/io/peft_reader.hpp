@@ -305,9 +305,8 @@ class PeftAdapter {
     const char* what = kind == ModuleKind::embedding ? "Embedding" : "Conv";
     if (m.kind != kind)
       detail::peft_fail(weights_file_, "module '" + m.path + "' is " + a_or_an(m.kind_name()) + " adapter, not " +
-                                           a_or_an(what) + " one: " + fn +
-                                           "() builds " + what + " layers only (use " + builder_for(m.kind, m.use_dora) +
-                                           "())");
+                                           a_or_an(what) + " one: " + fn + "() builds " + what + " layers only (use " +
+                                           builder_for(m.kind, m.use_dora) + "())");
     if (m.use_dora != dora)
       detail::peft_fail(weights_file_, "module '" + m.path + "' is " + (m.use_dora ? "DoRA" : "LoRA (no magnitude)") +
                                            ": use " + builder_for(m.kind, m.use_dora) + "()");
