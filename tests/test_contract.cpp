@@ -64,6 +64,7 @@ struct LinearFixture {
   template <typename S>
   struct For {
     static constexpr bool has_dropout = true, has_input_grad = true;
+    static constexpr Eigen::Index excluded_A_column = -1;
     using Input = Mat<S>;
     Mat<S> W = random_matrix<S>(7, 5, 11);
     Vec<S> b = random_vector<S>(7, 12);
@@ -96,6 +97,7 @@ struct EmbeddingFixture {
       Input ids(7);
       for (Eigen::Index t = 0; t < ids.size(); ++t) ids[t] = static_cast<std::int64_t>(rng.uniform(0.0, 9.0)) % 9;
       ids[1] = ids[4] = 2;  // repeated ids accumulate
+      ids[5] = 3;           // padding_idx: read by the forward, no gradient into A's column
       return ids;
     }
     Input bad_input() const {
@@ -104,6 +106,7 @@ struct EmbeddingFixture {
       return ids;
     }
     const char* bad_input_message() const { return "ids[1] = 9 is outside [0, num_embeddings) = [0, 9)"; }
+    static constexpr Eigen::Index excluded_A_column = 3;  // padding_idx (see finite_differences)
     dora::EmbeddingBase<S> base_of(const Mat<S>& weight) const { return dora::borrow_embedding(weight, 3); }
     dora::EmbeddingBase<S> base() const { return base_of(W); }
   };
@@ -113,6 +116,7 @@ struct ConvFixture {
   template <typename S>
   struct For {
     static constexpr bool has_dropout = true, has_input_grad = true;
+    static constexpr Eigen::Index excluded_A_column = -1;
     using Input = Mat<S>;
     static dora::ConvGeometry geometry() {
       dora::ConvGeometry g;
@@ -120,10 +124,10 @@ struct ConvFixture {
       g.in_channels = 2;
       g.out_channels = 3;
       g.kernel = {3, 2, 1};
-      g.stride = {2, 1, 1};
-      g.padding = {1, 0, 0};
-      g.dilation = {1, 2, 1};
-      g.input = {5, 4, 1};
+      g.stride = {1, 2, 1};
+      g.padding = {2, 1, 0};
+      g.dilation = {2, 2, 1};  // on both axes: the unfolding's and its adjoint's index arithmetic
+      g.input = {6, 5, 1};
       return g;
     }
     dora::ConvGeometry g = geometry();
@@ -132,10 +136,10 @@ struct ConvFixture {
     Eigen::Index a_cols() const { return g.patch_size(); }
     Eigen::Index b_rows() const { return 3; }
     Eigen::Index y_cols() const { return 3 * g.output_volume(); }
-    Input input(std::uint64_t seed) const { return random_matrix<S>(2, 2 * 5 * 4, seed); }
+    Input input(std::uint64_t seed) const { return random_matrix<S>(2, 2 * 6 * 5, seed); }
     Input bad_input() const { return random_matrix<S>(2, 7, 1); }
     const char* bad_input_message() const {
-      return "x must be N x (in_channels x input size) = N x 40 (2 x 20), got 2 x 7";
+      return "x must be N x (in_channels x input size) = N x 60 (2 x 30), got 2 x 7";
     }
     dora::ConvBase<S> base_of(const Mat<S>& weight) const { return dora::borrow_conv(weight, b, g); }
     dora::ConvBase<S> base() const { return base_of(W); }
@@ -249,9 +253,10 @@ void check_gradient(const char* layer, const char* what, const Mat<double>& anal
 }
 
 template <typename Layer>
-void finite_differences(dora::NormGradient mode, double dropout, const char* label) {
+void finite_differences(dora::NormGradient mode, double dropout, const char* label, bool eval = false) {
   Case<Layer> c(mode, dropout);
   Layer layer = c.make();
+  if (eval) layer.eval();  // DoRA: a cached norm in forward, P recomputed by the exact backward
   const auto x0 = c.fx.input(51);
   const Mat<double> dy = random_matrix<double>(x0.rows(), c.fx.y_cols(), 52);
   layer.seed_dropout(kMaskSeed);
@@ -281,7 +286,21 @@ void finite_differences(dora::NormGradient mode, double dropout, const char* lab
       return objective(layer, x0, dy);
     }
   };
-  check_gradient(label, "lora_A", gA, numerical(layer.lora_A(), f));
+  Mat<double> fdA = numerical(layer.lora_A(), f);
+  Mat<double> gA_checked = gA;
+  const Eigen::Index pad = FixtureOf<Layer>::excluded_A_column;
+  if (pad >= 0) {
+    // torch's padding_idx: the lookup passes no gradient into this column of A although the forward
+    // reads it; only the norm's dense term (exact mode) reaches it. Compared apart from the rest.
+    if (mode == dora::NormGradient::exact && Case<Layer>::kDora) {
+      CHECK(gA.col(pad).cwiseAbs().maxCoeff() > 0.0);
+    } else {
+      CHECK(gA.col(pad).cwiseAbs().maxCoeff() == 0.0);
+    }
+    fdA.col(pad).setZero();
+    gA_checked.col(pad).setZero();
+  }
+  check_gradient(label, eval ? "lora_A (eval)" : "lora_A", gA_checked, fdA);
   check_gradient(label, "lora_B", gB, numerical(layer.lora_B(), f));
   if constexpr (Case<Layer>::kDora) {
     const Mat<double> gm = layer.grad_magnitude();
@@ -349,6 +368,7 @@ TEMPLATE_TEST_CASE("Contract: every gradient agrees with finite differences (dou
         finite_differences<L>(dora::NormGradient::exact, dropout, name_of<L>());
         finite_differences<L>(dora::NormGradient::detached, dropout, name_of<L>());
       }
+      finite_differences<L>(dora::NormGradient::exact, 0.0, name_of<L>(), /*eval=*/true);
     } else {
       finite_differences<L>(dora::NormGradient::detached, 0.0, name_of<L>());
       finite_differences<L>(dora::NormGradient::detached, p, name_of<L>());
@@ -461,4 +481,54 @@ TEMPLATE_TEST_CASE("Contract: no heap allocation in steady state", "[contract][n
       CHECK(y.allFinite());
     }
   }
+}
+
+TEMPLATE_TEST_CASE("Contract: infer() equals the evaluation forward, and the evaluation cache follows A, B, m",
+                   "[contract]", DORA_CONTRACT_LAYERS) {
+  using L = TestType;
+  using S = typename Traits<L>::Scalar;
+  Case<L> c;
+  L layer = c.make();
+  const auto x = c.fx.input(13);
+  if constexpr (Traits<L>::dora)
+    layer.prepare_inference();
+  else
+    layer.eval();
+  const Mat<S> y_eval = layer.forward(x);
+  const double err = rel_err(layer.infer(x), y_eval);
+  std::printf("contract %-28s infer vs eval forward relative error %.2e\n", name_of<L>(), err);
+  CHECK(err == 0.0);
+  // Change B (and m) in evaluation mode: the next forward must be a fresh layer's.
+  const Mat<S> B2 = random_matrix<S>(c.fx.b_rows(), 3, 77, 0.5);
+  layer.set_lora_B(B2);
+  Case<L> c2;
+  c2.B = B2;
+  L fresh = c2.make();
+  if constexpr (Traits<L>::dora) {
+    const Vec<S> m2 = layer.magnitude() * S(1.5);
+    layer.set_magnitude(m2);
+    fresh.set_magnitude(m2);
+  }
+  fresh.eval();
+  const double err2 = rel_err(layer.forward(x), fresh.forward(x));
+  std::printf("contract %-28s eval forward after set_lora_B / set_magnitude vs a fresh layer %.2e\n", name_of<L>(),
+              err2);
+  CHECK(err2 == 0.0);
+}
+
+TEMPLATE_TEST_CASE("Contract: parameters() follows storage that moved (reset_magnitude, copies)", "[contract]",
+                   DORA_CONTRACT_LAYERS) {
+  using L = TestType;
+  using S = typename Traits<L>::Scalar;
+  Case<L> c;
+  L layer = c.make();
+  std::vector<dora::Parameter<S>>& params = layer.parameters();
+  if constexpr (Traits<L>::dora) {
+    layer.reset_magnitude();  // assigns a new vector: its buffer may move
+    CHECK(layer.parameters()[2].value.data() == layer.magnitude().data());
+    CHECK(layer.parameters()[2].grad.data() == layer.grad_magnitude().data());
+  }
+  layer.set_lora_A(random_matrix<S>(3, c.fx.a_cols(), 3));
+  CHECK(params[0].value.data() == layer.lora_A().data());
+  CHECK(layer.parameters()[1].value.data() == layer.lora_B().data());
 }

@@ -612,7 +612,8 @@ TEST_CASE("a real Llama checkpoint with embedding and lm_head adapters: dora-mer
   TempDir tmp;
   const std::string dir = kLlama + "/llama_f32";
   const std::string out = (tmp.out() / "merged.safetensors").string();
-  const Run r = run(tmp.cap(), {"--base", dir + "/base/model.safetensors", "--adapter", dir + "/adapter", "--out", out});
+  const Run r =
+      run(tmp.cap(), {"--base", dir + "/base/model.safetensors", "--adapter", dir + "/adapter", "--out", out});
   INFO(r.describe());
   REQUIRE(r.status == 0);
   CHECK(r.err.empty());  // stderr is a file here: no progress display
@@ -633,8 +634,9 @@ TEST_CASE("a real Llama checkpoint with embedding and lm_head adapters: dora-mer
   INFO(i.describe());
   CHECK(i.status == 0);
   CHECK(contains(i.out, "16 modules, DoRA"));
-  CHECK(contains(i.out, "model.embed_tokens  [128, 64]  rank 8  alpha 8  scaling 1  DoRA  F32  Embedding  (carries its "
-                        "base weight, F32)"));
+  CHECK(contains(i.out,
+                 "model.embed_tokens  [128, 64]  rank 8  alpha 8  scaling 1  DoRA  F32  Embedding  (carries its "
+                 "base weight, F32)"));
   CHECK(contains(i.out, "lm_head  [128, 64]  rank 4  alpha 8  scaling 2  DoRA  F32  Linear  (carries its base weight"));
   CHECK(contains(i.out, "model.layers.0.mlp.down_proj  [64, 96]  rank 4"));
 }

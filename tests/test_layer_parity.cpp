@@ -224,3 +224,58 @@ TEST_CASE("Embedding: the detached backward touches only the columns of A the id
     }
   }
 }
+
+TEST_CASE("Embedding initialisation is PEFT's: A = 0, B ~ N(0, 1), and the layer starts as the table",
+          "[layers][embedding][init]") {
+  const Mat<double> table = random_matrix<double>(64, 8, 1);
+  dora::AdapterConfig config;
+  config.rank = 8;
+  config.seed = 5;
+  for (dora::Init init : {dora::Init::kaiming_uniform, dora::Init::gaussian}) {
+    config.init = init;
+    dora::DoraEmbedding<double> layer(dora::borrow_embedding(table), config);
+    const Mat<double> B = layer.lora_B();
+    const double mean = B.mean();
+    const double var = (B.array() - mean).square().sum() / static_cast<double>(B.size() - 1);
+    std::printf("embedding init: max|A| = %g, B mean %.3f variance %.3f (64 samples x 8)\n",
+                layer.lora_A().cwiseAbs().maxCoeff(), mean, var);
+    CHECK(layer.lora_A().cwiseAbs().maxCoeff() == 0.0);
+    CHECK(std::abs(mean) < 0.5);
+    CHECK(var > 0.6);
+    CHECK(var < 1.5);
+    dora::TokenIds ids(4);
+    ids << 0, 63, 7, 7;
+    const Mat<double> y = layer.forward(ids);
+    for (Eigen::Index t = 0; t < 4; ++t) CHECK(rel_err(y.row(t), table.row(ids[t])) <= 1e-15);
+  }
+}
+
+TEST_CASE("Conv dropout: one mask drawn on x, shared by every patch that copies an element", "[layers][conv]") {
+  dora::ConvGeometry g;
+  g.dims = 2;
+  g.in_channels = 2;
+  g.out_channels = 3;
+  g.kernel = {3, 3, 1};
+  g.padding = {1, 1, 0};
+  g.input = {5, 4, 1};
+  const Mat<double> W = Mat<double>::Zero(3, g.patch_size());  // zero kernel: y = s B A unfold(x .* M)
+  const Mat<double> A = random_matrix<double>(2, g.patch_size(), 1), B = random_matrix<double>(3, 2, 2);
+  const Mat<double> x = random_matrix<double>(3, 2 * 20, 3);
+  dora::AdapterConfig config;
+  config.rank = 2;
+  config.dropout = 0.4;
+  dora::LoraConv<double> dropped(dora::borrow_conv(W, g), config, A, B);
+  config.dropout = 0.0;
+  dora::LoraConv<double> plain(dora::borrow_conv(W, g), config, A, B);
+  const Mat<double> y = dropped.forward(x);
+  const Mat<double> M = dropped.dropout_mask();
+  REQUIRE(M.rows() == x.rows());
+  REQUIRE(M.cols() == x.cols());
+  const Eigen::Index zeros = (M.array() == 0.0).count();
+  const double err = rel_err(y, plain.forward(Mat<double>(x.cwiseProduct(M))));
+  std::printf("conv dropout: %ld of %ld mask entries are 0; y vs the undropped layer on x .* M: %.2e\n",
+              static_cast<long>(zeros), static_cast<long>(M.size()), err);
+  CHECK(zeros > 0);
+  CHECK(zeros < M.size());
+  CHECK(err <= 1e-14);
+}

@@ -1412,8 +1412,8 @@ TEST_CASE("Embedding and Conv1d/2d/3d adapters merge as PEFT's merge_and_unload"
       CHECK(ours.info("layer.weight").dtype == ref.info("W_merged").dtype);
       const Eigen::Index rows = ref.info("W").shape[0];
       const Eigen::Index cols = ref.info("W").numel() / rows;
-      const double err = rel_err(ours.reshaped<double>("layer.weight", rows, cols),
-                                 ref.reshaped<double>("W_merged", rows, cols));
+      const double err =
+          rel_err(ours.reshaped<double>("layer.weight", rows, cols), ref.reshaped<double>("W_merged", rows, cols));
       const double tol = c.f64 ? 1e-12 : 1e-6;
       std::cout << name << " (" << m.kind_name() << ", " << (c.dora ? "DoRA" : "LoRA") << ", "
                 << (c.f64 ? "f64" : "f32") << "): merged weight vs PEFT's W_merged, relative error " << err
@@ -1435,7 +1435,8 @@ TEST_CASE("Embedding and Conv1d/2d/3d adapters merge as PEFT's merge_and_unload"
 }
 
 TEST_CASE("inspect lists Embedding and Conv modules with their type", "[peft][inspect][layers]") {
-  for (const char* name : {"embedding_dora_f64", "conv3d_dora_f64_bias", "conv2d_lora_f64_groups2", "conv1d_lora_f64_bias"}) {
+  for (const char* name :
+       {"embedding_dora_f64", "conv3d_dora_f64_bias", "conv2d_lora_f64_groups2", "conv1d_lora_f64_bias"}) {
     DYNAMIC_SECTION(name) {
       const LayerCase c = layer_case(name);
       TempDir tmp;
@@ -1514,8 +1515,8 @@ void compare_llama(const std::vector<std::string>& ours_files, const std::string
     std::cout << label << ": largest relative error vs PEFT's merge_and_unload over " << peft.tensors().size()
               << " tensors: " << worst << " (tolerance 1e-6)\n";
   else
-    std::cout << label << ": largest bf16 ulp distance to PEFT's merge_and_unload: " << worst_ulp << ", "
-              << ulp_differ << " elements differ (tolerance 1 ulp)\n";
+    std::cout << label << ": largest bf16 ulp distance to PEFT's merge_and_unload: " << worst_ulp << ", " << ulp_differ
+              << " elements differ (tolerance 1 ulp)\n";
 }
 
 }  // namespace
@@ -1537,7 +1538,8 @@ TEST_CASE("a real Llama checkpoint: embed_tokens, lm_head and every projection m
       CHECK(adapter.module("model.layers.1.self_attn.o_proj").scaling == 1.0);  // alpha_pattern {"o_proj": 4}
       TempDir tmp;
       const std::string out = tmp / "merged.safetensors";
-      const dora::io::MergeReport rep = dora::io::merge_checkpoint(dir + "/base/model.safetensors", dir + "/adapter", out);
+      const dora::io::MergeReport rep =
+          dora::io::merge_checkpoint(dir + "/base/model.safetensors", dir + "/adapter", out);
       CHECK(rep.merged.size() == 16);
       int embeddings = 0;
       for (const dora::io::MergedModule& m : rep.merged) embeddings += m.kind == "Embedding";
@@ -1590,7 +1592,8 @@ TEST_CASE("the base weight saved in the adapter (save_embedding_layers) is what 
   }
 }
 
-TEST_CASE("merge progress: one call before the first tensor, one after each, counts only grow", "[peft][merge][progress]") {
+TEST_CASE("merge progress: one call before the first tensor, one after each, counts only grow",
+          "[peft][merge][progress]") {
   for (const bool sharded : {false, true}) {
     DYNAMIC_SECTION((sharded ? "sharded" : "single file")) {
       const std::string dir = kLlama + "/llama_f32";
@@ -1655,15 +1658,16 @@ TEST_CASE("every io error is a dora::io::IoError", "[peft][errors]") {
   static_assert(std::is_base_of<std::runtime_error, dora::io::IoError>::value, "IoError is a runtime_error");
 }
 
-TEST_CASE("inconsistent Embedding and Conv adapters are rejected naming the tensor and shapes", "[peft][hostile][layers]") {
+TEST_CASE("inconsistent Embedding and Conv adapters are rejected naming the tensor and shapes",
+          "[peft][hostile][layers]") {
   using Shape = std::vector<std::int64_t>;
   // An adapter directory holding F64 tensors of the given shapes (all ones), r = 4.
   const auto make = [](const TempDir& tmp, const std::vector<std::pair<std::string, Shape>>& tensors, bool dora) {
     const std::string ad = tmp / "adapter";
     REQUIRE(::mkdir(ad.c_str(), 0755) == 0);
     write_text(ad + "/adapter_config.json",
-               std::string(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": )") + (dora ? "true" : "false") +
-                   "}");
+               std::string(R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": )") +
+                   (dora ? "true" : "false") + "}");
     SafetensorsWriter w(ad + "/adapter_model.safetensors");
     for (const auto& t : tensors) {
       std::int64_t n = 1;
@@ -1722,8 +1726,7 @@ TEST_CASE("inconsistent Embedding and Conv adapters are rejected naming the tens
            {"base_model.model.c.lora_A.weight", "[4, 3, 1, 1, 1, 1]", "Conv1d/2d/3d"});
   }
   SECTION("a full copy of a base tensor (modules_to_save, or a resized embedding not adapted)") {
-    expect(make(tmp,
-                {{"q.lora_A.weight", {4, 8}}, {"q.lora_B.weight", {8, 4}}, {"model.embed_tokens.weight", {16, 8}}},
+    expect(make(tmp, {{"q.lora_A.weight", {4, 8}}, {"q.lora_B.weight", {8, 4}}, {"model.embed_tokens.weight", {16, 8}}},
                 false),
            {"base_model.model.model.embed_tokens.weight", "full copy", "not supported"});
   }
@@ -1733,12 +1736,12 @@ TEST_CASE("inconsistent Embedding and Conv adapters are rejected naming the tens
            {"base_model.model.emb.base_layer.weight", "no LoRA tensors"});
   }
   SECTION("a saved base_layer.weight of the wrong shape") {
-    expect(make(tmp,
-                {{"emb.lora_embedding_A", {4, 20}},
-                 {"emb.lora_embedding_B", {12, 4}},
-                 {"emb.base_layer.weight", {12, 20}}},
-                false),
-           {"base_model.model.emb.base_layer.weight", "[12, 20]", "needs [20, 12]", "Embedding"});
+    expect(
+        make(
+            tmp,
+            {{"emb.lora_embedding_A", {4, 20}}, {"emb.lora_embedding_B", {12, 4}}, {"emb.base_layer.weight", {12, 20}}},
+            false),
+        {"base_model.model.emb.base_layer.weight", "[12, 20]", "needs [20, 12]", "Embedding"});
   }
   SECTION("make_lora on an Embedding module") {
     const std::string ad = make(tmp, {{"emb.lora_embedding_A", {4, 20}}, {"emb.lora_embedding_B", {12, 4}}}, false);
@@ -1799,8 +1802,8 @@ TEST_CASE("PeftAdapterWriter writes Embedding and Conv modules under PEFT's name
     // Read back and, where PEFT can, merged into the case's base: PEFT's W_merged.
     const PeftAdapter back(tmp / "adapter");
     REQUIRE(back.modules().size() == 1);
-    CHECK(back.modules()[0].kind_name() == (c.embedding ? std::string("Embedding")
-                                                        : "Conv" + std::to_string(at.shape.size() - 2) + "d"));
+    CHECK(back.modules()[0].kind_name() ==
+          (c.embedding ? std::string("Embedding") : "Conv" + std::to_string(at.shape.size() - 2) + "d"));
     if (ref.contains("W_merged")) {
       SafetensorsWriter b(tmp / "base.safetensors");
       copy_tensor(ref, "W", b, "layer.weight");

@@ -1102,9 +1102,9 @@ TEST_CASE("reshaped() reads a tensor of any rank as rows x cols in storage order
   for (Eigen::Index i = 0; i < 2; ++i)
     for (Eigen::Index j = 0; j < 12; ++j) CHECK(m(i, j) == static_cast<double>(i * 12 + j));
   CHECK(r.reshaped<float>("conv", 24, 1)(23, 0) == 23.0f);
-  CHECK_THROWS_WITH(r.reshaped<double>("conv", 5, 5),
-                    Catch::Contains("tensor 'conv'") && Catch::Contains("[2, 3, 2, 2] (24 elements)") &&
-                        Catch::Contains("cannot be read as 5 x 5"));
+  CHECK_THROWS_WITH(r.reshaped<double>("conv", 5, 5), Catch::Contains("tensor 'conv'") &&
+                                                          Catch::Contains("[2, 3, 2, 2] (24 elements)") &&
+                                                          Catch::Contains("cannot be read as 5 x 5"));
   CHECK_THROWS_WITH(r.reshaped<double>("ids", 3, 1), Catch::Contains("tensor 'ids'") && Catch::Contains("dtype I64"));
   CHECK_THROWS_AS(r.reshaped<double>("conv", 5, 5), dora::io::IoError);
   remove_dir(dir);

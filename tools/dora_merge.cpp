@@ -20,11 +20,11 @@
 #include <dora/io/io.hpp>
 #include <exception>
 #include <iostream>
-#include <streambuf>
 #include <map>
 #include <memory>
 #include <optional>
 #include <sstream>
+#include <streambuf>
 #include <string>
 #include <vector>
 

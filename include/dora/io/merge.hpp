@@ -25,10 +25,10 @@
 // clang-format on
 
 #include <algorithm>
-#include <functional>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -345,8 +345,7 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
         const bool saved = !m.key_base_weight.empty();
         const std::uint8_t* wsrc = saved ? adapter.tensors().raw(m.key_base_weight) : src;
         const Dtype wdt = saved ? adapter.tensors().info(m.key_base_weight).dtype : t.dtype;
-        mm.max_abs_delta =
-            detail::merge_tensor(m, wts, wsrc, wdt, m.stored_transposed(fan_in_fan_out), buf.data(), od);
+        mm.max_abs_delta = detail::merge_tensor(m, wts, wsrc, wdt, m.stored_transposed(fan_in_fan_out), buf.data(), od);
         w.write(t.name, buf.data(), buf.size());
         if (options.log != nullptr)
           *options.log << "merged " << t.name << " " << detail::shape_string(t.shape) << " " << dtype_name(t.dtype)
@@ -403,6 +402,5 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
   report.files_written.push_back(detail::join_path(out, index_name));
   return report;
 }
-
 
 }  // namespace dora::io

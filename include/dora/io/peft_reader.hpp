@@ -411,9 +411,8 @@ class PeftAdapter {
       if (k.B.empty())
         detail::peft_fail_tensor(f, expect_B, "missing: module '" + path + "' has other adapter tensors but no lora_B");
       if (k.embedding_A != k.embedding_B)
-        detail::peft_fail_tensor(f, k.B,
-                                 "module '" + path + "' mixes an Embedding adapter tensor and a Linear/Conv one ('" +
-                                     k.A + "')");
+        detail::peft_fail_tensor(
+            f, k.B, "module '" + path + "' mixes an Embedding adapter tensor and a Linear/Conv one ('" + k.A + "')");
       for (const std::string* key : {&k.A, &k.B, &k.m, &k.base}) {
         if (key->empty()) continue;
         const Dtype dt = reader_.info(*key).dtype;
@@ -448,7 +447,8 @@ class PeftAdapter {
       } else if (a.shape.size() == 2) {
         m.kind = ModuleKind::linear;
         if (b.shape.size() != 2)
-          detail::peft_fail_tensor(f, k.B, "lora_A is [r, d_in] (a Linear adapter) but lora_B is not [d_out, r]" + shapes());
+          detail::peft_fail_tensor(f, k.B,
+                                   "lora_A is [r, d_in] (a Linear adapter) but lora_B is not [d_out, r]" + shapes());
         m.d_in = static_cast<Eigen::Index>(a.shape[1]);
         m.d_out = static_cast<Eigen::Index>(b.shape[0]);
         rank_B = static_cast<Eigen::Index>(b.shape[1]);
@@ -464,7 +464,8 @@ class PeftAdapter {
                                        shapes());
         for (std::size_t i = 2; i < b.shape.size(); ++i)
           if (b.shape[i] != 1)
-            detail::peft_fail_tensor(f, k.B, "lora_B of a Conv adapter is a 1x1 kernel [out, r / groups, 1...]" + shapes());
+            detail::peft_fail_tensor(f, k.B,
+                                     "lora_B of a Conv adapter is a 1x1 kernel [out, r / groups, 1...]" + shapes());
         m.in_channels = static_cast<Eigen::Index>(a.shape[1]);
         m.kernel.assign(a.shape.begin() + 2, a.shape.end());
         // The element count of A (validated by the reader, without overflow) bounds in * prod(k).
@@ -479,9 +480,9 @@ class PeftAdapter {
         m.groups = m.rank / rank_B;
         if (m.in_channels % m.groups != 0 || m.d_out % m.groups != 0)
           detail::peft_fail_tensor(f, k.B,
-                                   "groups = " + std::to_string(m.groups) + " (r / lora_B.shape[1]) does not divide in = " +
-                                       std::to_string(m.in_channels) + " and out = " + std::to_string(m.d_out) +
-                                       shapes());
+                                   "groups = " + std::to_string(m.groups) +
+                                       " (r / lora_B.shape[1]) does not divide in = " + std::to_string(m.in_channels) +
+                                       " and out = " + std::to_string(m.d_out) + shapes());
       } else {
         detail::peft_fail_tensor(f, k.A,
                                  "has shape " + detail::shape_string(a.shape) +
@@ -516,8 +517,8 @@ class PeftAdapter {
         const TensorInfo& mi = reader_.info(k.m);
         std::vector<std::int64_t> conv_shape(a.shape.size(), 1);
         if (m.kind == ModuleKind::conv) conv_shape[1] = m.d_out;
-        const bool ok = (mi.shape.size() == 1 && mi.shape[0] == m.d_out) ||
-                        (m.kind == ModuleKind::conv && mi.shape == conv_shape);
+        const bool ok =
+            (mi.shape.size() == 1 && mi.shape[0] == m.d_out) || (m.kind == ModuleKind::conv && mi.shape == conv_shape);
         if (!ok)
           detail::peft_fail_tensor(f, k.m,
                                    "has shape " + detail::shape_string(mi.shape) + " but " + m.kind_name() +
@@ -562,13 +563,12 @@ inline void inspect_adapter(const PeftAdapter& adapter, std::ostream& out) {
   for (const auto& kv : c.rank_pattern) out << "  rank_pattern  " << kv.first << " -> " << kv.second << "\n";
   for (const auto& kv : c.alpha_pattern) out << "  alpha_pattern " << kv.first << " -> " << kv.second << "\n";
   for (const PeftModule& m : adapter.modules()) {
-    const std::vector<std::int64_t> shape = m.kind == ModuleKind::linear ? std::vector<std::int64_t>{m.d_out, m.d_in}
-                                                                         : m.base_shape(false);
+    const std::vector<std::int64_t> shape =
+        m.kind == ModuleKind::linear ? std::vector<std::int64_t>{m.d_out, m.d_in} : m.base_shape(false);
     out << "  " << m.path << "  " << detail::shape_string(shape) << "  rank " << m.rank << "  alpha " << m.alpha
         << "  scaling " << detail::format_double(m.scaling) << "  " << (m.use_dora ? "DoRA" : "LoRA") << "  "
         << dtype_name(adapter.tensors().info(m.key_A).dtype) << "  " << m.kind_name();
-    if (m.kind == ModuleKind::conv && m.groups > 1)
-      out << " (groups " << m.groups << ": not mergeable, as in PEFT)";
+    if (m.kind == ModuleKind::conv && m.groups > 1) out << " (groups " << m.groups << ": not mergeable, as in PEFT)";
     if (!m.key_base_weight.empty())
       out << "  (carries its base weight, " << dtype_name(adapter.tensors().info(m.key_base_weight).dtype) << ")";
     out << "\n";

@@ -100,22 +100,24 @@ class PeftAdapterWriter {
                 Eigen::VectorXd magnitude = Eigen::VectorXd(), Eigen::Index groups = 1) {
     const std::string who = "<adapter writer>";
     if (kernel.empty() || kernel.size() > 3)
-      detail::peft_fail(who, "module '" + path + "': a conv kernel has 1, 2 or 3 sizes, got " +
-                                 detail::shape_string(kernel));
+      detail::peft_fail(
+          who, "module '" + path + "': a conv kernel has 1, 2 or 3 sizes, got " + detail::shape_string(kernel));
     std::int64_t k = 1;
     for (const std::int64_t d : kernel) {
-      if (d < 1) detail::peft_fail(who, "module '" + path + "': kernel " + detail::shape_string(kernel) + " has a size < 1");
+      if (d < 1)
+        detail::peft_fail(who, "module '" + path + "': kernel " + detail::shape_string(kernel) + " has a size < 1");
       k *= d;
     }
-    if (in_channels < 1 || groups < 1 || in_channels % groups != 0 || B.rows() % groups != 0 || config.rank % groups != 0)
+    if (in_channels < 1 || groups < 1 || in_channels % groups != 0 || B.rows() % groups != 0 ||
+        config.rank % groups != 0)
       detail::peft_fail(who, "module '" + path + "': groups " + std::to_string(groups) + " must divide in_channels " +
                                  std::to_string(in_channels) + ", out_channels " + std::to_string(B.rows()) +
                                  " and the rank " + std::to_string(config.rank));
     if (A.cols() != in_channels * k)
       detail::peft_fail(who, "module '" + path + "': lora_A is " + std::to_string(A.rows()) + " x " +
                                  std::to_string(A.cols()) + " but in_channels " + std::to_string(in_channels) +
-                                 " x kernel " + detail::shape_string(kernel) + " needs " + std::to_string(in_channels * k) +
-                                 " columns");
+                                 " x kernel " + detail::shape_string(kernel) + " needs " +
+                                 std::to_string(in_channels * k) + " columns");
     const bool dora = magnitude.size() != 0;
     check_matrices(path, config, A, B, magnitude, groups);
     add_entry(path, config, dora, std::move(A), std::move(B), std::move(magnitude), ModuleKind::conv, in_channels,
@@ -252,8 +254,8 @@ class PeftAdapterWriter {
         detail::peft_fail(
             who, "module '" + path + "' and '" + e.path + "' disagree on dropout (one setting per adapter in PEFT)");
     }
-    entries_.push_back(
-        Entry{path, config, dora, std::move(A), std::move(B), std::move(m), kind, in_channels, std::move(kernel), groups});
+    entries_.push_back(Entry{path, config, dora, std::move(A), std::move(B), std::move(m), kind, in_channels,
+                             std::move(kernel), groups});
   }
 
   Dtype dtype_;
