@@ -227,7 +227,7 @@ TEST_CASE("Embedding: the detached backward touches only the columns of A the id
 
 TEST_CASE("Embedding initialisation is PEFT's: A = 0, B ~ N(0, 1), and the layer starts as the table",
           "[layers][embedding][init]") {
-  const Mat<double> table = random_matrix<double>(64, 8, 1);
+  const Mat<double> table = random_matrix<double>(64, 32, 1);
   dora::AdapterConfig config;
   config.rank = 8;
   config.seed = 5;
@@ -237,12 +237,12 @@ TEST_CASE("Embedding initialisation is PEFT's: A = 0, B ~ N(0, 1), and the layer
     const Mat<double> B = layer.lora_B();
     const double mean = B.mean();
     const double var = (B.array() - mean).square().sum() / static_cast<double>(B.size() - 1);
-    std::printf("embedding init: max|A| = %g, B mean %.3f variance %.3f (64 samples x 8)\n",
+    std::printf("embedding init: max|A| = %g, B (32 x 8) mean %.3f variance %.3f\n",
                 layer.lora_A().cwiseAbs().maxCoeff(), mean, var);
     CHECK(layer.lora_A().cwiseAbs().maxCoeff() == 0.0);
     CHECK(std::abs(mean) < 0.5);
-    CHECK(var > 0.6);
-    CHECK(var < 1.5);
+    CHECK(var > 0.7);  // 256 samples: the sample variance's standard deviation is about 0.09
+    CHECK(var < 1.3);
     dora::TokenIds ids(4);
     ids << 0, 63, 7, 7;
     const Mat<double> y = layer.forward(ids);
