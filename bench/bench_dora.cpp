@@ -1,12 +1,16 @@
 // LoRA vs DoRA, and this project's factored DoRA vs the dense (PEFT-style) computation.
 // Names: BM_<Pass><Method>/<d_out>/<d_in>/<r>/<n>; Step = forward + backward (dx and every adapter
-// gradient), Forward = forward only. Base is the frozen layer alone (x W^T forward, dy W backward).
+// gradient), Forward = forward only (also at n = 1; ForwardDoraEval: evaluation mode, cached norm).
+// With --benchmark_repetitions each gets a "spread" statistic (max / min time over repetitions)
+// and DoRA a rows_recomputed counter. Base is the frozen layer alone (x W^T forward, dy W backward).
 // fp32. Threads: OMP_NUM_THREADS (Eigen's OpenMP products). Compare methods by their ratio within
 // one run; the machine is shared and noisy, so use --benchmark_repetitions and the medians.
 
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <dora/dora.hpp>
+#include <vector>
 
 #include "../tests/support/dense_dora.hpp"
 #include "../tests/test_support.hpp"
@@ -96,6 +100,9 @@ void dora_impl(benchmark::State& st, Pass pass, dora::NormGradient mode, bool ev
   dora::DoraLinear<S> layer(p.base(), p.config, p.A, p.B);
   if (eval) layer.eval();
   run(st, layer, p, pass);
+  // Rows the last norm computation recomputed directly (cancellation, overflow): a path that is
+  // taken on some runs only would show here.
+  st.counters["rows_recomputed"] = static_cast<double>(layer.rows_recomputed());
   const int norm_products = eval ? 0 : (mode == dora::NormGradient::exact && pass == Pass::Step ? 2 : 1);
   finish(st, flops(st, pass, norm_products, true));
 }
@@ -149,9 +156,30 @@ void BM_RowNormDense(benchmark::State& st) {
   finish(st, 2.0 * static_cast<double>(p.d_out * p.d_in * p.r));
 }
 
+// max / min over the repetitions (shown as a percentage: 126% means max = 1.26 x min), next to mean/median/stddev: a
+// bimodal method (two timings minutes apart, e.g. from buffer placement) shows a spread well above the others' in the
+// same run.
+void spread(benchmark::internal::Benchmark* b) {
+  b->ComputeStatistics(
+      "spread",
+      [](const std::vector<double>& v) -> double {
+        if (v.empty()) return 0.0;
+        const auto mm = std::minmax_element(v.begin(), v.end());
+        return *mm.first > 0.0 ? *mm.second / *mm.first : 0.0;
+      },
+      benchmark::StatisticUnit::kPercentage);  // printed as a percentage: 126% = max 1.26 x min
+}
+// Steps at n = 32 and 512 (issue 11's shapes) and a small layer.
 void shapes(benchmark::internal::Benchmark* b) {
-  b->Args({4096, 4096, 16, 512})->Args({11008, 4096, 64, 512})->Args({4096, 4096, 16, 32})->Args({1024, 1024, 8, 256});
+  b->Args({4096, 4096, 16, 512})->Args({11008, 4096, 64, 512})->Args({4096, 4096, 16, 32});
+  b->Args({11008, 4096, 64, 32})->Args({1024, 1024, 8, 256});
   b->Unit(benchmark::kMillisecond)->UseRealTime();
+  spread(b);
+}
+// Forward passes also at n = 1: single-token inference.
+void forward_shapes(benchmark::internal::Benchmark* b) {
+  shapes(b);
+  b->Args({4096, 4096, 16, 1})->Args({11008, 4096, 64, 1});
 }
 void norm_shapes(benchmark::internal::Benchmark* b) {
   b->Args({4096, 4096, 16})->Args({11008, 4096, 64})->Args({1024, 1024, 8});
@@ -165,12 +193,12 @@ BENCHMARK(BM_StepLora)->Apply(shapes);
 BENCHMARK(BM_StepDora)->Apply(shapes);
 BENCHMARK(BM_StepDoraExact)->Apply(shapes);
 BENCHMARK(BM_StepDoraDense)->Apply(shapes);
-BENCHMARK(BM_ForwardBase)->Apply(shapes);
-BENCHMARK(BM_ForwardLora)->Apply(shapes);
-BENCHMARK(BM_ForwardDora)->Apply(shapes);
-BENCHMARK(BM_ForwardDoraExact)->Apply(shapes);
-BENCHMARK(BM_ForwardDoraDense)->Apply(shapes);
-BENCHMARK(BM_ForwardDoraEval)->Apply(shapes);
+BENCHMARK(BM_ForwardBase)->Apply(forward_shapes);
+BENCHMARK(BM_ForwardLora)->Apply(forward_shapes);
+BENCHMARK(BM_ForwardDora)->Apply(forward_shapes);
+BENCHMARK(BM_ForwardDoraExact)->Apply(forward_shapes);
+BENCHMARK(BM_ForwardDoraDense)->Apply(forward_shapes);
+BENCHMARK(BM_ForwardDoraEval)->Apply(forward_shapes);
 BENCHMARK(BM_RowNormFactored)->Apply(norm_shapes);
 BENCHMARK(BM_RowNormDense)->Apply(norm_shapes);
 

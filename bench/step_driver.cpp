@@ -1,8 +1,10 @@
 // Standalone timing driver for machines without Google Benchmark (the PEFT comparison machine):
 //   step_driver <d_out> <d_in> <r> <n> <repetitions> [methods...]
-// methods: base lora dora doraexact doradense (default: all). For each, one warm-up step, then
-// <repetitions> timed steps (forward + backward, dx and all adapter gradients), fp32; prints one
-// JSON line per method with the median and minimum in milliseconds. Threads: OMP_NUM_THREADS.
+// methods: base lora dora doraexact doradense (default: all): one step = forward + backward (dx and
+// all adapter gradients); basefwd lorainfer dorainfer: one evaluation forward (the frozen layer
+// alone; LoRA and DoRA in evaluation mode with DoRA's cached norm: the output of infer()).
+// For each, one warm-up, then <repetitions> timed runs, fp32; prints one JSON line per method
+// with the median and minimum in milliseconds. Threads: OMP_NUM_THREADS.
 
 #include <algorithm>
 #include <chrono>
@@ -78,6 +80,19 @@ int main(int argc, char** argv) {
         layer.forward(x, y);
         layer.backward(dy, dx);
       });
+    } else if (m == "basefwd") {
+      ms = time_steps(reps, [&] {
+        y.noalias() = x * W.transpose();
+        y.rowwise() += bias.transpose();
+      });
+    } else if (m == "lorainfer") {
+      dora::LoraLinear<S> layer(dora::borrow(W, bias), config, A, B);
+      layer.eval();
+      ms = time_steps(reps, [&] { layer.forward(x, y); });
+    } else if (m == "dorainfer") {
+      dora::DoraLinear<S> layer(dora::borrow(W, bias), config, A, B);
+      layer.prepare_inference();
+      ms = time_steps(reps, [&] { layer.forward(x, y); });
     } else if (m == "doradense") {
       dora_test::DenseDora<S> layer(dora::borrow(W, bias), A, B, static_cast<S>(config.scaling()));
       ms = time_steps(reps, [&] {
