@@ -12,6 +12,7 @@
 
 #include "detail/dense.hpp"
 #include "detail/dora_core.hpp"
+#include "detail/parallel.hpp"
 
 namespace dora {
 namespace detail {
@@ -97,7 +98,12 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
     const Scalar s = this->scaling_;
     const Index N = this->batch_;
     H_.resize(N + r, this->base_.d_out());
-    H_.topRows(N + stacked_).noalias() = this->xd_.topRows(N + stacked_) * W.transpose();
+    if (stacked_ != 0) {
+      H_.noalias() = this->xd_ * W.transpose();
+    } else {
+      // Evaluation: the same product as infer() (split over W's rows at small n), bit for bit.
+      frozen_product(this->xd_.topRows(N), W, H_.topRows(N));
+    }
     if (stacked_ != 0) this->compute_norm_with(H_.bottomRows(r));
     h().noalias() += s * this->u_ * this->B_.transpose();
     const VectorType& g = this->g_;
@@ -124,7 +130,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
     const VectorType& g = this->g_;
     u.resize(N, this->rank());
     u.noalias() = x * this->A_.transpose();
-    y.noalias() = x * this->base_.weight.transpose();
+    frozen_product(x, this->base_.weight, y);
     y.noalias() += this->scaling_ * u * this->B_.transpose();
     if (this->base_.has_bias()) {
       for (Index t = 0; t < N; ++t) y.row(t) = y.row(t).cwiseProduct(g.transpose()) + this->base_.bias.transpose();

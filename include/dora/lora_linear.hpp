@@ -4,6 +4,7 @@
 ///   y = x W^T + b + s * dropout(x) A^T B^T
 
 #include "detail/dense.hpp"
+#include "detail/parallel.hpp"
 
 namespace dora {
 namespace detail {
@@ -45,7 +46,7 @@ class DenseLora : public DenseAdapter<Derived, Scalar> {
   /// y = x W^T + b + s (xd A^T) B^T on the lowered input.
   void forward_lowered(const Eigen::Ref<const MatrixType>& x, const MatrixType* mask, Eigen::Ref<MatrixType> y) {
     this->save_input(x, 0, mask);
-    y.noalias() = x * this->base_.weight.transpose();
+    frozen_product(x, this->base_.weight, y);
     y.noalias() += this->scaling_ * this->u_ * this->B_.transpose();
     if (this->base_.has_bias()) y.rowwise() += this->base_.bias.transpose();
     this->saved_ = true;
@@ -54,7 +55,7 @@ class DenseLora : public DenseAdapter<Derived, Scalar> {
   void infer_lowered(const Eigen::Ref<const MatrixType>& x, Eigen::Ref<MatrixType> y, MatrixType& u) const {
     u.resize(x.rows(), this->rank());
     u.noalias() = x * this->A_.transpose();
-    y.noalias() = x * this->base_.weight.transpose();
+    frozen_product(x, this->base_.weight, y);
     y.noalias() += this->scaling_ * u * this->B_.transpose();
     if (this->base_.has_bias()) y.rowwise() += this->base_.bias.transpose();
   }
