@@ -101,21 +101,21 @@ TEST_CASE("Independent layers on one shared W train concurrently", "[threads]") 
 TEST_CASE("Small-batch evaluation split over OpenMP threads agrees with one thread", "[threads][openmp]") {
   // At n <= 32 the frozen product is split over blocks of W's rows (detail/parallel.hpp). Without
   // OpenMP (the ThreadSanitizer build) both runs take Eigen's product and agree exactly.
-  const Mat<float> W = random_matrix<float>(256, 96, 1);
-  const Vec<float> b = random_vector<float>(256, 2);
+  const Mat<float> W = random_matrix<float>(512, 512, 1);  // large enough to be split (kParallelWork)
+  const Vec<float> b = random_vector<float>(512, 2);
   dora::AdapterConfig c;
   c.rank = 4;
-  dora::DoraLinear<float> dora_layer(dora::borrow(W, b), c, random_matrix<float>(4, 96, 3, 0.3),
-                                     random_matrix<float>(256, 4, 4, 0.3));
-  dora::LoraLinear<float> lora_layer(dora::borrow(W, b), c, random_matrix<float>(4, 96, 3, 0.3),
-                                     random_matrix<float>(256, 4, 4, 0.3));
+  dora::DoraLinear<float> dora_layer(dora::borrow(W, b), c, random_matrix<float>(4, 512, 3, 0.3),
+                                     random_matrix<float>(512, 4, 4, 0.3));
+  dora::LoraLinear<float> lora_layer(dora::borrow(W, b), c, random_matrix<float>(4, 512, 3, 0.3),
+                                     random_matrix<float>(512, 4, 4, 0.3));
   dora_layer.prepare_inference();
   lora_layer.eval();
 #ifdef _OPENMP
   const int saved = omp_get_max_threads();
 #endif
   for (Eigen::Index n : {1, 7, 32, 33}) {
-    const Mat<float> x = random_matrix<float>(n, 96, 10 + static_cast<std::uint64_t>(n));
+    const Mat<float> x = random_matrix<float>(n, 512, 10 + static_cast<std::uint64_t>(n));
 #ifdef _OPENMP
     omp_set_num_threads(1);
 #endif
@@ -127,8 +127,12 @@ TEST_CASE("Small-batch evaluation split over OpenMP threads agrees with one thre
     const double e_dora = rel_err(y3_dora, y1_dora), e_lora = rel_err(y3_lora, y1_lora);
     std::printf("n = %ld: 3 threads vs 1, relative difference DoRA %.2e, LoRA %.2e\n", static_cast<long>(n), e_dora,
                 e_lora);
-    CHECK(e_dora <= 1e-6);
-    CHECK(e_lora <= 1e-6);
+    // n <= 32: the library's split, every entry one dot product whatever the thread count (n = 1:
+    // Eigen's matrix-vector product per block). n = 33: Eigen's GEMM, whose threaded blocking sums
+    // in another order (float rounding of a 512-term sum).
+    const double tol = n <= dora::detail::kSmallBatch ? 1e-6 : 1e-5;
+    CHECK(e_dora <= tol);
+    CHECK(e_lora <= tol);
     // infer() splits the same way as the evaluation forward at the same thread count: same bits.
     CHECK(dora_layer.infer(x) == y3_dora);
     CHECK(lora_layer.infer(x) == y3_lora);

@@ -25,6 +25,8 @@ namespace detail {
 
 /// Rows of X up to which the frozen product takes the small-batch path.
 inline constexpr Eigen::Index kSmallBatch = 32;
+/// Entries of W from which the small-batch product is spread over OpenMP threads.
+inline constexpr Eigen::Index kParallelWork = Eigen::Index(1) << 18;
 
 /// Y = X W^T (Y: N x d_out, X: N x d_in, W: d_out x d_in, all row-major), overwritten.
 template <typename DX, typename WeightMap, typename DY>
@@ -33,9 +35,11 @@ void frozen_product(const Eigen::MatrixBase<DX>& X, const WeightMap& W, DY&& Y) 
   const Index N = X.rows(), d_out = W.rows();
   int threads = 1;
 #ifdef _OPENMP
-  threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+  // Threads only where W is large enough (1 MB in float) for the split to pay for waking a team.
+  if (!omp_in_parallel() && d_out * W.cols() >= kParallelWork && d_out >= 64 * omp_get_max_threads())
+    threads = omp_get_max_threads();
 #endif
-  if (N > kSmallBatch || N == 0 || (N == 1 && (threads == 1 || d_out < 64 * threads))) {
+  if (N > kSmallBatch || N == 0 || (N == 1 && threads == 1)) {
     Y.noalias() = X * W.transpose();
     return;
   }
