@@ -1,11 +1,12 @@
-// The contract every adapter layer type keeps, run for every layer type x scalar in kLayers below.
-// Adding a layer type means adding it to that list (and a Fixture that says how to build its base
-// and inputs). Checked here:
+// The contract every adapter layer type keeps, run for every family x LoRA/DoRA x scalar in
+// DORA_CONTRACT_LAYERS below. Adding a layer type means writing its fixture (how to build its base
+// and inputs, which layer types it has) and one DORA_CONTRACT_FAMILY line. Checked here:
 //   - shapes of y and dx; error messages that name the sizes;
 //   - every gradient against central finite differences in double: LoRA, DoRA exact (the true
 //     gradient), DoRA detached (the gradient with g = m / n held constant, made here by rescaling m
 //     so that only the public API is used), with a fixed dropout mask where the layer has dropout;
-//   - merge / unmerge round trip; the evaluation output equals the merged layer's output;
+//   - merge / unmerge round trip; the evaluation output equals the merged layer's output (or, for a
+//     family that cannot be merged, the refusal);
 //   - zero_grad, gradient accumulation over two backwards, parameters() aliasing the layer;
 //   - no heap allocation in steady state (EIGEN_RUNTIME_NO_MALLOC), parameters() included.
 #define EIGEN_RUNTIME_NO_MALLOC
@@ -26,43 +27,22 @@ using namespace dora_test;
 
 namespace {
 
-template <typename Layer>
-struct Traits;
-template <typename S>
-struct Traits<dora::LoraLinear<S>> {
-  using Scalar = S;
-  static constexpr bool dora = false;
-  static constexpr const char* family = "linear";
-};
-template <typename S>
-struct Traits<dora::DoraLinear<S>> : Traits<dora::LoraLinear<S>> {
-  static constexpr bool dora = true;
-};
-template <typename S>
-struct Traits<dora::LoraEmbedding<S>> {
-  using Scalar = S;
-  static constexpr bool dora = false;
-  static constexpr const char* family = "embedding";
-};
-template <typename S>
-struct Traits<dora::DoraEmbedding<S>> : Traits<dora::LoraEmbedding<S>> {
-  static constexpr bool dora = true;
-};
-template <typename S>
-struct Traits<dora::LoraConv<S>> {
-  using Scalar = S;
-  static constexpr bool dora = false;
-  static constexpr const char* family = "conv";
-};
-template <typename S>
-struct Traits<dora::DoraConv<S>> : Traits<dora::LoraConv<S>> {
-  static constexpr bool dora = true;
+// What a fixture may leave at its default.
+struct FixtureDefaults {
+  static constexpr Eigen::Index rank = 3, groups = 1;  // B is b_rows x rank / groups
+  static constexpr bool mergeable = true;
 };
 
-// How to build a layer type's frozen base, its inputs and its plain (merged) counterpart.
+// A family of layer types: its name, its LoRA and DoRA layers (the LoRA one with B = 0 is the plain
+// frozen layer), and For<S>: how to build its frozen base and its inputs.
 struct LinearFixture {
+  static constexpr const char* name = "linear";
   template <typename S>
-  struct For {
+  using Lora = dora::LoraLinear<S>;
+  template <typename S>
+  using Dora = dora::DoraLinear<S>;
+  template <typename S>
+  struct For : FixtureDefaults {
     static constexpr bool has_dropout = true, has_input_grad = true;
     static constexpr Eigen::Index excluded_A_column = -1;
     using Input = Mat<S>;
@@ -84,8 +64,13 @@ struct LinearFixture {
 };
 
 struct EmbeddingFixture {
+  static constexpr const char* name = "embedding";
   template <typename S>
-  struct For {
+  using Lora = dora::LoraEmbedding<S>;
+  template <typename S>
+  using Dora = dora::DoraEmbedding<S>;
+  template <typename S>
+  struct For : FixtureDefaults {
     static constexpr bool has_dropout = false, has_input_grad = false;
     using Input = dora::TokenIds;
     Mat<S> W = random_matrix<S>(9, 6, 21);
@@ -113,8 +98,13 @@ struct EmbeddingFixture {
 };
 
 struct ConvFixture {
+  static constexpr const char* name = "conv";
   template <typename S>
-  struct For {
+  using Lora = dora::LoraConv<S>;
+  template <typename S>
+  using Dora = dora::DoraConv<S>;
+  template <typename S>
+  struct For : FixtureDefaults {
     static constexpr bool has_dropout = true, has_input_grad = true;
     static constexpr Eigen::Index excluded_A_column = -1;
     using Input = Mat<S>;
@@ -146,66 +136,80 @@ struct ConvFixture {
   };
 };
 
-template <typename Layer>
-struct FixtureOf;
-template <typename S>
-struct FixtureOf<dora::LoraLinear<S>> : LinearFixture::For<S> {};
-template <typename S>
-struct FixtureOf<dora::DoraLinear<S>> : LinearFixture::For<S> {};
-template <typename S>
-struct FixtureOf<dora::LoraEmbedding<S>> : EmbeddingFixture::For<S> {};
-template <typename S>
-struct FixtureOf<dora::DoraEmbedding<S>> : EmbeddingFixture::For<S> {};
-template <typename S>
-struct FixtureOf<dora::LoraConv<S>> : ConvFixture::For<S> {};
-template <typename S>
-struct FixtureOf<dora::DoraConv<S>> : ConvFixture::For<S> {};
-
-// The LoRA layer of the same family: with B = 0 it is the plain frozen layer.
-template <typename Layer>
-struct PlainOf;
-template <typename S>
-struct PlainOf<dora::LoraLinear<S>> {
-  using type = dora::LoraLinear<S>;
-};
-template <typename S>
-struct PlainOf<dora::DoraLinear<S>> {
-  using type = dora::LoraLinear<S>;
-};
-template <typename S>
-struct PlainOf<dora::LoraEmbedding<S>> {
-  using type = dora::LoraEmbedding<S>;
-};
-template <typename S>
-struct PlainOf<dora::DoraEmbedding<S>> {
-  using type = dora::LoraEmbedding<S>;
-};
-template <typename S>
-struct PlainOf<dora::LoraConv<S>> {
-  using type = dora::LoraConv<S>;
-};
-template <typename S>
-struct PlainOf<dora::DoraConv<S>> {
-  using type = dora::LoraConv<S>;
+// A grouped convolution (groups 2): W is out x (in/2 k), B out x r/2, PEFT's reshape norm; not
+// mergeable (PEFT refuses too).
+struct GroupedConvFixture {
+  static constexpr const char* name = "grouped conv";
+  template <typename S>
+  using Lora = dora::LoraConv<S>;
+  template <typename S>
+  using Dora = dora::DoraConv<S>;
+  template <typename S>
+  struct For : FixtureDefaults {
+    static constexpr bool has_dropout = true, has_input_grad = true, mergeable = false;
+    static constexpr Eigen::Index excluded_A_column = -1, rank = 4, groups = 2;
+    using Input = Mat<S>;
+    static dora::ConvGeometry geometry() {
+      dora::ConvGeometry g;
+      g.dims = 1;
+      g.in_channels = 4;
+      g.out_channels = 6;
+      g.groups = 2;
+      g.kernel = {3, 1, 1};
+      g.stride = {2, 1, 1};
+      g.padding = {1, 0, 0};
+      g.input = {7, 1, 1};
+      return g;
+    }
+    dora::ConvGeometry g = geometry();
+    Mat<S> W = random_matrix<S>(6, 2 * 3, 33);
+    Vec<S> b = random_vector<S>(6, 34);
+    Eigen::Index a_cols() const { return g.patch_size(); }
+    Eigen::Index b_rows() const { return 6; }
+    Eigen::Index y_cols() const { return 6 * g.output_volume(); }
+    Input input(std::uint64_t seed) const { return random_matrix<S>(2, 4 * 7, seed); }
+    Input bad_input() const { return random_matrix<S>(2, 7, 1); }
+    const char* bad_input_message() const {
+      return "x must be N x (in_channels x input size) = N x 28 (4 x 7), got 2 x 7";
+    }
+    dora::ConvBase<S> base_of(const Mat<S>& weight) const { return dora::borrow_conv(weight, b, g); }
+    dora::ConvBase<S> base() const { return base_of(W); }
+  };
 };
 
-template <typename Layer>
+// One test type: a family, LoRA or DoRA, a scalar.
+template <typename Family, bool IsDora, typename S>
+struct Entry {
+  using Scalar = S;
+  using Fixture = typename Family::template For<S>;
+  using Layer = std::conditional_t<IsDora, typename Family::template Dora<S>, typename Family::template Lora<S>>;
+  using Plain = typename Family::template Lora<S>;
+  static constexpr bool kDora = IsDora;
+  static const char* name() {
+    static const std::string n = std::string(IsDora ? "dora " : "lora ") + Family::name +
+                                 (std::is_same<S, double>::value ? " double" : " float");
+    return n.c_str();
+  }
+};
+
+template <typename E>
 struct Case {
-  using S = typename Traits<Layer>::Scalar;
-  using F = FixtureOf<Layer>;
-  static constexpr bool kDora = Traits<Layer>::dora;
+  using S = typename E::Scalar;
+  using F = typename E::Fixture;
+  using Layer = typename E::Layer;
+  static constexpr bool kDora = E::kDora;
   F fx;
   dora::AdapterConfig config;
   Mat<S> A, B;
 
   explicit Case(dora::NormGradient mode = dora::NormGradient::detached, double dropout = 0.0) {
-    config.rank = 3;
+    config.rank = F::rank;
     config.alpha = 5.0;
     config.dropout = dropout;
     config.norm_gradient = mode;
     config.seed = 7;
-    A = random_matrix<S>(3, fx.a_cols(), 41, 0.5);
-    B = random_matrix<S>(fx.b_rows(), 3, 42, 0.5);
+    A = random_matrix<S>(F::rank, fx.a_cols(), 41, 0.5);
+    B = random_matrix<S>(fx.b_rows(), F::rank / F::groups, 42, 0.5);
   }
   Layer make() const {
     Layer layer(fx.base(), config, A, B);
@@ -252,17 +256,17 @@ void check_gradient(const char* layer, const char* what, const Mat<double>& anal
   CHECK(err <= 1e-6);
 }
 
-template <typename Layer>
+template <typename E>
 void finite_differences(dora::NormGradient mode, double dropout, const char* label, bool eval = false) {
-  Case<Layer> c(mode, dropout);
-  Layer layer = c.make();
+  Case<E> c(mode, dropout);
+  typename E::Layer layer = c.make();
   if (eval) layer.eval();  // DoRA: a cached norm in forward, P recomputed by the exact backward
   const auto x0 = c.fx.input(51);
   const Mat<double> dy = random_matrix<double>(x0.rows(), c.fx.y_cols(), 52);
   layer.seed_dropout(kMaskSeed);
   layer.forward(x0);
   Mat<double> dx;
-  if constexpr (FixtureOf<Layer>::has_input_grad)
+  if constexpr (E::Fixture::has_input_grad)
     dx = layer.backward(dy);
   else
     layer.backward_parameters(dy);
@@ -270,14 +274,14 @@ void finite_differences(dora::NormGradient mode, double dropout, const char* lab
 
   // The objective as the mode defines it: exact and LoRA differentiate the output itself;
   // detached holds g = m / n at its current value (m rescaled by n' / n0 for perturbed A, B).
-  const bool detached = Case<Layer>::kDora && mode == dora::NormGradient::detached;
+  const bool detached = E::kDora && mode == dora::NormGradient::detached;
   Vec<double> n0, m0;
-  if constexpr (Case<Layer>::kDora) {
+  if constexpr (E::kDora) {
     n0 = layer.compute_row_norm();
     m0 = layer.magnitude();
   }
   const std::function<double()> f = [&]() {
-    if constexpr (Case<Layer>::kDora) {
+    if constexpr (E::kDora) {
       if (detached) layer.set_magnitude(m0.cwiseProduct(layer.compute_row_norm()).cwiseQuotient(n0));
       const double v = objective(layer, x0, dy);
       layer.set_magnitude(m0);
@@ -288,11 +292,11 @@ void finite_differences(dora::NormGradient mode, double dropout, const char* lab
   };
   Mat<double> fdA = numerical(layer.lora_A(), f);
   Mat<double> gA_checked = gA;
-  const Eigen::Index pad = FixtureOf<Layer>::excluded_A_column;
+  const Eigen::Index pad = E::Fixture::excluded_A_column;
   if (pad >= 0) {
     // torch's padding_idx: the lookup passes no gradient into this column of A although the forward
     // reads it; only the norm's dense term (exact mode) reaches it. Compared apart from the rest.
-    if (mode == dora::NormGradient::exact && Case<Layer>::kDora) {
+    if (mode == dora::NormGradient::exact && E::kDora) {
       CHECK(gA.col(pad).cwiseAbs().maxCoeff() > 0.0);
     } else {
       CHECK(gA.col(pad).cwiseAbs().maxCoeff() == 0.0);
@@ -302,45 +306,43 @@ void finite_differences(dora::NormGradient mode, double dropout, const char* lab
   }
   check_gradient(label, eval ? "lora_A (eval)" : "lora_A", gA_checked, fdA);
   check_gradient(label, "lora_B", gB, numerical(layer.lora_B(), f));
-  if constexpr (Case<Layer>::kDora) {
+  if constexpr (E::kDora) {
     const Mat<double> gm = layer.grad_magnitude();
     // n does not depend on m: the same difference in both modes.
     check_gradient(label, "magnitude", gm, numerical(layer.magnitude(), [&]() { return objective(layer, x0, dy); }));
   }
-  if constexpr (FixtureOf<Layer>::has_input_grad) {
+  if constexpr (E::Fixture::has_input_grad) {
     auto x = x0;
     check_gradient(label, "x", dx, numerical(x, [&]() { return objective(layer, x, dy); }));
   }
 }
 
-template <typename Layer>
-const char* name_of() {
-  static std::string n = std::string(Traits<Layer>::dora ? "dora " : "lora ") + Traits<Layer>::family +
-                         (std::is_same<typename Traits<Layer>::Scalar, double>::value ? " double" : " float");
-  return n.c_str();
-}
-
 }  // namespace
 
-#define DORA_CONTRACT_LAYERS                                                                             \
-  dora::LoraLinear<float>, dora::LoraLinear<double>, dora::DoraLinear<float>, dora::DoraLinear<double>,  \
-      dora::LoraEmbedding<float>, dora::LoraEmbedding<double>, dora::DoraEmbedding<float>,               \
-      dora::DoraEmbedding<double>, dora::LoraConv<float>, dora::LoraConv<double>, dora::DoraConv<float>, \
-      dora::DoraConv<double>
+// A family's four test types (Catch2 takes a type with commas in parentheses).
+#define DORA_CONTRACT_FAMILY(F) \
+  (Entry<F, false, float>), (Entry<F, false, double>), (Entry<F, true, float>), (Entry<F, true, double>)
+
+// Every family the library has: a new layer type is its fixture above and one line here.
+#define DORA_CONTRACT_LAYERS                                                                                      \
+  DORA_CONTRACT_FAMILY(LinearFixture), DORA_CONTRACT_FAMILY(EmbeddingFixture), DORA_CONTRACT_FAMILY(ConvFixture), \
+      DORA_CONTRACT_FAMILY(GroupedConvFixture)
 
 TEMPLATE_TEST_CASE("Contract: shapes, and errors that name the sizes", "[contract]", DORA_CONTRACT_LAYERS) {
-  using L = TestType;
-  using S = typename Traits<L>::Scalar;
-  Case<L> c;
+  using E = TestType;
+  using L = typename E::Layer;
+  using S = typename E::Scalar;
+  Case<E> c;
   L layer = c.make();
   const auto x = c.fx.input(1);
   const Mat<S> y = layer.forward(x);
   CHECK(y.rows() == x.rows());
   CHECK(y.cols() == c.fx.y_cols());
-  CHECK(layer.lora_A().rows() == 3);
+  constexpr Eigen::Index r = E::Fixture::rank, q = r / E::Fixture::groups;
+  CHECK(layer.lora_A().rows() == r);
   CHECK(layer.lora_A().cols() == c.fx.a_cols());
   CHECK(layer.lora_B().rows() == c.fx.b_rows());
-  if constexpr (FixtureOf<L>::has_input_grad) {
+  if constexpr (E::Fixture::has_input_grad) {
     const Mat<S> dx = layer.backward(Mat<S>::Ones(x.rows(), c.fx.y_cols()));
     CHECK(dx.rows() == x.rows());
     CHECK(dx.cols() == x.cols());
@@ -351,27 +353,29 @@ TEMPLATE_TEST_CASE("Contract: shapes, and errors that name the sizes", "[contrac
   layer.forward(x);
   CHECK_THROWS_WITH(layer.backward_parameters(Mat<S>::Ones(x.rows() + 1, c.fx.y_cols())),
                     Catch::Contains("got " + std::to_string(x.rows() + 1) + " x " + std::to_string(c.fx.y_cols())));
-  CHECK_THROWS_WITH(
-      layer.set_lora_A(Mat<S>::Ones(3, c.fx.a_cols() + 1)),
-      Catch::Contains("= 3 x " + std::to_string(c.fx.a_cols()) + ", got 3 x " + std::to_string(c.fx.a_cols() + 1)));
-  CHECK_THROWS_WITH(layer.set_lora_B(Mat<S>::Ones(c.fx.b_rows() + 1, 3)),
-                    Catch::Contains("got " + std::to_string(c.fx.b_rows() + 1) + " x 3"));
+  const std::string rs = std::to_string(r), qs = std::to_string(q);
+  CHECK_THROWS_WITH(layer.set_lora_A(Mat<S>::Ones(r, c.fx.a_cols() + 1)),
+                    Catch::Contains("= " + rs + " x " + std::to_string(c.fx.a_cols()) + ", got " + rs + " x " +
+                                    std::to_string(c.fx.a_cols() + 1)));
+  CHECK_THROWS_WITH(layer.set_lora_B(Mat<S>::Ones(c.fx.b_rows() + 1, q)),
+                    Catch::Contains("= " + std::to_string(c.fx.b_rows()) + " x " + qs + ", got " +
+                                    std::to_string(c.fx.b_rows() + 1) + " x " + qs));
 }
 
 TEMPLATE_TEST_CASE("Contract: every gradient agrees with finite differences (double)", "[contract][gradients]",
                    DORA_CONTRACT_LAYERS) {
-  using L = TestType;
-  if constexpr (std::is_same<typename Traits<L>::Scalar, double>::value) {
-    const double p = FixtureOf<L>::has_dropout ? 0.3 : 0.0;
-    if constexpr (Traits<L>::dora) {
+  using E = TestType;
+  if constexpr (std::is_same<typename E::Scalar, double>::value) {
+    const double p = E::Fixture::has_dropout ? 0.3 : 0.0;
+    if constexpr (E::kDora) {
       for (double dropout : {0.0, p}) {
-        finite_differences<L>(dora::NormGradient::exact, dropout, name_of<L>());
-        finite_differences<L>(dora::NormGradient::detached, dropout, name_of<L>());
+        finite_differences<E>(dora::NormGradient::exact, dropout, E::name());
+        finite_differences<E>(dora::NormGradient::detached, dropout, E::name());
       }
-      finite_differences<L>(dora::NormGradient::exact, 0.0, name_of<L>(), /*eval=*/true);
+      finite_differences<E>(dora::NormGradient::exact, 0.0, E::name(), /*eval=*/true);
     } else {
-      finite_differences<L>(dora::NormGradient::detached, 0.0, name_of<L>());
-      finite_differences<L>(dora::NormGradient::detached, p, name_of<L>());
+      finite_differences<E>(dora::NormGradient::detached, 0.0, E::name());
+      finite_differences<E>(dora::NormGradient::detached, p, E::name());
     }
   } else {
     SUCCEED("finite differences run in double");
@@ -380,39 +384,53 @@ TEMPLATE_TEST_CASE("Contract: every gradient agrees with finite differences (dou
 
 TEMPLATE_TEST_CASE("Contract: merge / unmerge round trip, and eval output equals the merged layer", "[contract]",
                    DORA_CONTRACT_LAYERS) {
-  using L = TestType;
-  using S = typename Traits<L>::Scalar;
+  using E = TestType;
+  using L = typename E::Layer;
+  using S = typename E::Scalar;
   const double tol = std::is_same<S, float>::value ? 2e-5 : 1e-12;
-  Case<L> c;
+  Case<E> c;
   L layer = c.make();
+  if constexpr (!E::Fixture::mergeable) {
+    // Refused, saying why, before anything is computed.
+    const char* why = "cannot be merged: its adapter (lora_A with groups 1) reaches every input channel";
+    if constexpr (E::kDora) {
+      CHECK_THROWS_WITH(layer.merge(), Catch::Contains(why));
+      CHECK_THROWS_WITH(layer.unmerge(dora::DoraMerge<S>{}), Catch::Contains(why));
+    } else {
+      CHECK_THROWS_WITH(layer.merged_weight(), Catch::Contains(why));
+      CHECK_THROWS_WITH(layer.unmerge(c.fx.W), Catch::Contains(why));
+    }
+    return;
+  }
   Mat<S> merged;
-  if constexpr (Traits<L>::dora) {
+  if constexpr (E::kDora) {
     const dora::DoraMerge<S> m = layer.merge();
     merged = m.weight;
     const double err = rel_err(layer.unmerge(m), c.fx.W);
-    std::printf("contract %-28s unmerge(merge) relative error %.2e\n", name_of<L>(), err);
+    std::printf("contract %-28s unmerge(merge) relative error %.2e\n", E::name(), err);
     CHECK(err <= 10 * tol);
   } else {
     merged = layer.merged_weight();
     const double err = rel_err(layer.unmerge(merged), c.fx.W);
-    std::printf("contract %-28s unmerge(merge) relative error %.2e\n", name_of<L>(), err);
+    std::printf("contract %-28s unmerge(merge) relative error %.2e\n", E::name(), err);
     CHECK(err <= 10 * tol);
   }
-  using Plain = typename PlainOf<L>::type;
-  Plain plain(c.fx.base_of(merged), c.config, c.A, Mat<S>::Zero(c.fx.b_rows(), 3));
+  using Plain = typename E::Plain;
+  Plain plain(c.fx.base_of(merged), c.config, c.A, Mat<S>::Zero(c.fx.b_rows(), E::Fixture::rank));
   plain.eval();
   layer.eval();
   const auto x = c.fx.input(3);
   const double err = rel_err(layer.forward(x), plain.forward(x));
-  std::printf("contract %-28s eval vs merged layer relative error %.2e\n", name_of<L>(), err);
+  std::printf("contract %-28s eval vs merged layer relative error %.2e\n", E::name(), err);
   CHECK(err <= tol);
 }
 
 TEMPLATE_TEST_CASE("Contract: zero_grad, accumulation, and parameters() alias the layer", "[contract]",
                    DORA_CONTRACT_LAYERS) {
-  using L = TestType;
-  using S = typename Traits<L>::Scalar;
-  Case<L> c(dora::NormGradient::exact);
+  using E = TestType;
+  using L = typename E::Layer;
+  using S = typename E::Scalar;
+  Case<E> c(dora::NormGradient::exact);
   L layer = c.make();
   const auto x = c.fx.input(5);
   const Mat<S> dy = random_matrix<S>(x.rows(), c.fx.y_cols(), 6);
@@ -425,7 +443,7 @@ TEMPLATE_TEST_CASE("Contract: zero_grad, accumulation, and parameters() alias th
   CHECK(rel_err(layer.grad_lora_A(), Mat<S>(2 * gA)) <= tol);
   CHECK(rel_err(layer.grad_lora_B(), Mat<S>(2 * gB)) <= tol);
   std::vector<dora::Parameter<S>>& params = layer.parameters();
-  REQUIRE(params.size() == (Traits<L>::dora ? 3u : 2u));
+  REQUIRE(params.size() == (E::kDora ? 3u : 2u));
   CHECK(params[0].value.data() == layer.lora_A().data());
   CHECK(params[1].grad.data() == layer.grad_lora_B().data());
   CHECK(&layer.parameters() == &params);  // kept, not rebuilt
@@ -441,19 +459,20 @@ TEMPLATE_TEST_CASE("Contract: zero_grad, accumulation, and parameters() alias th
 }
 
 TEMPLATE_TEST_CASE("Contract: no heap allocation in steady state", "[contract][no_malloc]", DORA_CONTRACT_LAYERS) {
-  using L = TestType;
-  using S = typename Traits<L>::Scalar;
+  using E = TestType;
+  using L = typename E::Layer;
+  using S = typename E::Scalar;
   for (dora::NormGradient mode : {dora::NormGradient::detached, dora::NormGradient::exact}) {
     for (double dropout : {0.0, 0.3}) {
-      Case<L> c(mode, dropout);
+      Case<E> c(mode, dropout);
       L layer = c.make();
       const auto x = c.fx.input(8);
       const Mat<S> dy = random_matrix<S>(x.rows(), c.fx.y_cols(), 9);
       Mat<S> y(x.rows(), c.fx.y_cols());
-      Mat<S> dx(x.rows(), FixtureOf<L>::has_input_grad ? x.cols() : 0);
+      Mat<S> dx(x.rows(), E::Fixture::has_input_grad ? x.cols() : 0);
       const auto step = [&]() {
         layer.forward(x, y);
-        if constexpr (FixtureOf<L>::has_input_grad)
+        if constexpr (E::Fixture::has_input_grad)
           layer.backward(dy, dx);
         else
           layer.backward_parameters(dy);
@@ -475,7 +494,7 @@ TEMPLATE_TEST_CASE("Contract: no heap allocation in steady state", "[contract][n
         step();
       } catch (...) {
         Eigen::internal::set_is_malloc_allowed(true);
-        FAIL("a steady-state step allocated (" << name_of<L>() << ", dropout " << dropout << ")");
+        FAIL("a steady-state step allocated (" << E::name() << ", dropout " << dropout << ")");
       }
       Eigen::internal::set_is_malloc_allowed(true);
       CHECK(y.allFinite());
@@ -485,50 +504,51 @@ TEMPLATE_TEST_CASE("Contract: no heap allocation in steady state", "[contract][n
 
 TEMPLATE_TEST_CASE("Contract: infer() equals the evaluation forward, and the evaluation cache follows A, B, m",
                    "[contract]", DORA_CONTRACT_LAYERS) {
-  using L = TestType;
-  using S = typename Traits<L>::Scalar;
-  Case<L> c;
+  using E = TestType;
+  using L = typename E::Layer;
+  using S = typename E::Scalar;
+  Case<E> c;
   L layer = c.make();
   const auto x = c.fx.input(13);
-  if constexpr (Traits<L>::dora)
+  if constexpr (E::kDora)
     layer.prepare_inference();
   else
     layer.eval();
   const Mat<S> y_eval = layer.forward(x);
   const double err = rel_err(layer.infer(x), y_eval);
-  std::printf("contract %-28s infer vs eval forward relative error %.2e\n", name_of<L>(), err);
+  std::printf("contract %-28s infer vs eval forward relative error %.2e\n", E::name(), err);
   CHECK(err == 0.0);
   // Change B (and m) in evaluation mode: the next forward must be a fresh layer's.
-  const Mat<S> B2 = random_matrix<S>(c.fx.b_rows(), 3, 77, 0.5);
+  const Mat<S> B2 = random_matrix<S>(c.fx.b_rows(), E::Fixture::rank / E::Fixture::groups, 77, 0.5);
   layer.set_lora_B(B2);
-  Case<L> c2;
+  Case<E> c2;
   c2.B = B2;
   L fresh = c2.make();
-  if constexpr (Traits<L>::dora) {
+  if constexpr (E::kDora) {
     const Vec<S> m2 = layer.magnitude() * S(1.5);
     layer.set_magnitude(m2);
     fresh.set_magnitude(m2);
   }
   fresh.eval();
   const double err2 = rel_err(layer.forward(x), fresh.forward(x));
-  std::printf("contract %-28s eval forward after set_lora_B / set_magnitude vs a fresh layer %.2e\n", name_of<L>(),
-              err2);
+  std::printf("contract %-28s eval forward after set_lora_B / set_magnitude vs a fresh layer %.2e\n", E::name(), err2);
   CHECK(err2 == 0.0);
 }
 
 TEMPLATE_TEST_CASE("Contract: parameters() follows storage that moved (reset_magnitude, copies)", "[contract]",
                    DORA_CONTRACT_LAYERS) {
-  using L = TestType;
-  using S = typename Traits<L>::Scalar;
-  Case<L> c;
+  using E = TestType;
+  using L = typename E::Layer;
+  using S = typename E::Scalar;
+  Case<E> c;
   L layer = c.make();
   std::vector<dora::Parameter<S>>& params = layer.parameters();
-  if constexpr (Traits<L>::dora) {
+  if constexpr (E::kDora) {
     layer.reset_magnitude();  // assigns a new vector: its buffer may move
     CHECK(layer.parameters()[2].value.data() == layer.magnitude().data());
     CHECK(layer.parameters()[2].grad.data() == layer.grad_magnitude().data());
   }
-  layer.set_lora_A(random_matrix<S>(3, c.fx.a_cols(), 3));
+  layer.set_lora_A(random_matrix<S>(E::Fixture::rank, c.fx.a_cols(), 3));
   CHECK(params[0].value.data() == layer.lora_A().data());
   CHECK(layer.parameters()[1].value.data() == layer.lora_B().data());
 }

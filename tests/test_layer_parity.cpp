@@ -136,12 +136,9 @@ dora::ConvGeometry geometry_of(const Case& c) {
 template <typename Scalar>
 void run_conv(const Case& c, double tol) {
   const dora::ConvGeometry g = geometry_of(c);
-  if (g.groups != 1) {
-    // Refused, with the reason (see conv.hpp); PEFT's grouped data stays as the record of what it does.
-    const Mat<Scalar> W = c.rows_first<Scalar>("W");
-    CHECK_THROWS_WITH(dora::borrow_conv(W.data(), g), Catch::Contains("groups = 2 is not supported"));
-    return;
-  }
+  // Grouped: PEFT refuses to merge (no W_merged in the data), and so do we, saying why.
+  const bool mergeable = g.groups == 1;
+  const char* refusal = "cannot be merged: its adapter (lora_A with groups 1) reaches every input channel";
   const Mat<Scalar> W = c.rows_first<Scalar>("W"), A = c.rows_first<Scalar>("A"), B = c.rows_first<Scalar>("B");
   const Mat<Scalar> x = c.rows_first<Scalar>("x"), dy = c.rows_first<Scalar>("dy");
   const Vec<Scalar> bias = c.meta.at("bias").get<bool>() ? Vec<Scalar>(c.column<Scalar>("bias")) : Vec<Scalar>();
@@ -153,7 +150,10 @@ void run_conv(const Case& c, double tol) {
     check_close("grad_x", c.name, layer.backward(dy), c.rows_first<Scalar>("grad_x"), tol);
     check_close("grad_A", c.name, Mat<Scalar>(layer.grad_lora_A()), c.rows_first<Scalar>("grad_A"), tol);
     check_close("grad_B", c.name, Mat<Scalar>(layer.grad_lora_B()), c.rows_first<Scalar>("grad_B"), tol);
-    check_close("W_merged", c.name, layer.merged_weight(), c.rows_first<Scalar>("W_merged"), tol);
+    if (mergeable)
+      check_close("W_merged", c.name, layer.merged_weight(), c.rows_first<Scalar>("W_merged"), tol);
+    else
+      CHECK_THROWS_WITH(layer.merged_weight(), Catch::Contains(refusal));
     return;
   }
   for (dora::NormGradient mode : {dora::NormGradient::detached, dora::NormGradient::exact}) {
@@ -168,6 +168,14 @@ void run_conv(const Case& c, double tol) {
     check_close("grad_A" + sfx, c.name, Mat<Scalar>(layer.grad_lora_A()), c.rows_first<Scalar>("grad_A" + sfx), tol);
     check_close("grad_B" + sfx, c.name, Mat<Scalar>(layer.grad_lora_B()), c.rows_first<Scalar>("grad_B" + sfx), tol);
     check_close("grad_m" + sfx, c.name, Mat<Scalar>(layer.grad_magnitude()), c.column<Scalar>("grad_m" + sfx), tol);
+    // The evaluation forward (norm cached by prepare_inference) and infer() give PEFT's y too.
+    layer.prepare_inference();
+    check_close("eval y" + sfx, c.name, layer.forward(x), c.rows_first<Scalar>("y" + sfx), tol);
+    check_close("infer y" + sfx, c.name, layer.infer(x), c.rows_first<Scalar>("y" + sfx), tol);
+    if (!mergeable) {
+      CHECK_THROWS_WITH(layer.merge(), Catch::Contains(refusal));
+      continue;
+    }
     const dora::DoraMerge<Scalar> merged = layer.merge();
     check_close("W_merged", c.name, merged.weight, c.rows_first<Scalar>("W_merged"), tol);
     check_close("unmerge(merge)", c.name, layer.unmerge(merged), W, 10 * tol);

@@ -16,9 +16,16 @@
 /// an input element in the patches shares its draw.
 ///
 /// Supported: stride, zero padding, dilation (lora_A takes the base's dilation too: PEFT 0.21 omits
-/// it and fails in the forward, huggingface/peft#3697), groups = 1. Grouped convolutions are
-/// refused: PEFT 0.21 cannot merge them, and its DoRA norm for groups > 1 is a reshape of B A that
-/// is not the norm of the kernel the low-rank path applies (tests/data/layers/README.md).
+/// it and fails in the forward, huggingface/peft#3697), and groups, as PEFT 0.21 does them:
+///   - W is (out, in/G, k...): output channel block g sees input channel block g only;
+///   - lora_A is a dense convolution (groups 1, r x in k...), lora_B a grouped 1x1 convolution
+///     (out x r/G): output block g reads the r/G channels [g r/G, (g+1) r/G) of lora_A's output;
+///     r must be divisible by G (PEFT refuses otherwise);
+///   - DoRA's norm is PEFT's: n_o = ||W_o + s reshape(B.view(-1, r) @ A.view(r, -1), W.shape)_o||,
+///     which is not the norm of the kernel the layer applies (detail/dora_core.hpp gives it
+///     chunk by chunk), with its exact gradient;
+///   - no merge or unmerge: the low-rank path reaches every input channel, which no grouped kernel
+///     holds (PEFT refuses too); forward, backward and the evaluation cache work.
 /// padding_mode other than zeros: not represented (PEFT's lora_A ignores it).
 
 #include <array>
@@ -40,24 +47,26 @@ struct ConvGeometry {
   std::array<Index, 3> padding{0, 0, 0};  ///< zeros on both sides, as torch's padding=p
   std::array<Index, 3> dilation{1, 1, 1};
   std::array<Index, 3> input{1, 1, 1};  ///< spatial size of x
-  Index groups = 1;                     ///< must be 1 (see the file comment)
+  Index groups = 1;                     ///< G: in_channels and out_channels must be multiples of it
 
   /// Output size along axis a: (input + 2 padding - dilation (kernel - 1) - 1) / stride + 1.
   Index output(int a) const { return (input[a] + 2 * padding[a] - dilation[a] * (kernel[a] - 1) - 1) / stride[a] + 1; }
   Index kernel_volume() const { return kernel[0] * kernel[1] * kernel[2]; }
   Index input_volume() const { return input[0] * input[1] * input[2]; }
   Index output_volume() const { return output(0) * output(1) * output(2); }
-  /// Columns of the lowered map: in_channels x kernel volume.
+  /// Columns of the unfolded input and of A: in_channels x kernel volume.
   Index patch_size() const { return in_channels * kernel_volume(); }
+  /// Columns of the lowered W: (in_channels / groups) x kernel volume.
+  Index weight_cols() const { return in_channels / groups * kernel_volume(); }
 
   /// Throws std::invalid_argument naming the bad field.
   void validate() const {
     DORA_CHECK_ARG(dims >= 1 && dims <= 3, "convolution dims must be 1, 2 or 3, got ", dims);
     DORA_CHECK_ARG(in_channels >= 1 && out_channels >= 1, "convolution channels must be >= 1, got in_channels ",
                    in_channels, ", out_channels ", out_channels);
-    DORA_CHECK_ARG(groups == 1, "convolution groups = ", groups,
-                   " is not supported (only groups = 1): PEFT 0.21 cannot merge grouped convolutions and its "
-                   "DoRA norm for them is not the applied kernel's norm");
+    DORA_CHECK_ARG(groups >= 1 && in_channels % groups == 0 && out_channels % groups == 0,
+                   "convolution groups = ", groups, " must be >= 1 and divide in_channels ", in_channels,
+                   " and out_channels ", out_channels);
     for (int a = 0; a < 3; ++a) {
       if (a < dims) {
         DORA_CHECK_ARG(kernel[a] >= 1 && stride[a] >= 1 && dilation[a] >= 1 && padding[a] >= 0 && input[a] >= 1,
@@ -78,10 +87,10 @@ struct ConvGeometry {
 template <typename Scalar>
 struct ConvBase {
   ConvBase(const Scalar* weight, const ConvGeometry& geometry, const Scalar* bias)
-      : lowered(check(weight, geometry), geometry.out_channels, geometry.patch_size(), geometry.patch_size(), bias),
+      : lowered(check(weight, geometry), geometry.out_channels, geometry.weight_cols(), geometry.weight_cols(), bias),
         geometry(geometry) {}
 
-  BaseLayer<Scalar> lowered;  ///< W as out x (in k...), torch's layout read in place
+  BaseLayer<Scalar> lowered;  ///< W as out x (in/groups k...), torch's layout read in place
   ConvGeometry geometry;
 
  private:
@@ -97,19 +106,19 @@ template <typename Scalar>
 ConvBase<Scalar> borrow_conv(const Scalar* weight, const ConvGeometry& geometry, const Scalar* bias = nullptr) {
   return ConvBase<Scalar>(weight, geometry, bias);
 }
-/// Borrow W given as out x (in k...) (torch's weight.reshape(out, -1)) and optionally b.
+/// Borrow W given as out x (in/groups k...) (torch's weight.reshape(out, -1)) and optionally b.
 template <typename Scalar>
 ConvBase<Scalar> borrow_conv(const Matrix<Scalar>& weight, const ConvGeometry& geometry) {
-  DORA_CHECK_ARG(weight.rows() == geometry.out_channels && weight.cols() == geometry.patch_size(),
-                 "convolution weight must be out_channels x (in_channels x kernel) = ", geometry.out_channels, " x ",
-                 geometry.patch_size(), ", got ", weight.rows(), " x ", weight.cols());
+  DORA_CHECK_ARG(weight.rows() == geometry.out_channels && weight.cols() == geometry.weight_cols(),
+                 "convolution weight must be out_channels x (in_channels / groups x kernel) = ", geometry.out_channels,
+                 " x ", geometry.weight_cols(), ", got ", weight.rows(), " x ", weight.cols());
   return ConvBase<Scalar>(weight.data(), geometry, nullptr);
 }
 template <typename Scalar>
 ConvBase<Scalar> borrow_conv(const Matrix<Scalar>& weight, const Vector<Scalar>& bias, const ConvGeometry& geometry) {
-  DORA_CHECK_ARG(weight.rows() == geometry.out_channels && weight.cols() == geometry.patch_size(),
-                 "convolution weight must be out_channels x (in_channels x kernel) = ", geometry.out_channels, " x ",
-                 geometry.patch_size(), ", got ", weight.rows(), " x ", weight.cols());
+  DORA_CHECK_ARG(weight.rows() == geometry.out_channels && weight.cols() == geometry.weight_cols(),
+                 "convolution weight must be out_channels x (in_channels / groups x kernel) = ", geometry.out_channels,
+                 " x ", geometry.weight_cols(), ", got ", weight.rows(), " x ", weight.cols());
   DORA_CHECK_ARG(bias.size() == geometry.out_channels, "bias has ", bias.size(), " entries but the convolution has ",
                  geometry.out_channels, " output channels");
   return ConvBase<Scalar>(weight.data(), geometry, bias.data());
@@ -247,10 +256,10 @@ class ConvAdapter : public Dense<Derived, Scalar> {
 
  protected:
   ConvAdapter(const ConvBase<Scalar>& base, const AdapterConfig& config)
-      : Base(kConvFactors, base.lowered, config), geometry_(base.geometry) {}
+      : Base(kConvFactors, base.lowered, config, base.geometry.groups), geometry_(base.geometry) {}
   ConvAdapter(const ConvBase<Scalar>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
               const Eigen::Ref<const MatrixType>& B)
-      : Base(kConvFactors, base.lowered, config, A, B), geometry_(base.geometry) {}
+      : Base(kConvFactors, base.lowered, config, A, B, base.geometry.groups), geometry_(base.geometry) {}
 
   Index output_cols() const { return geometry_.out_channels * geometry_.output_volume(); }
   Index input_cols() const { return geometry_.in_channels * geometry_.input_volume(); }
@@ -308,7 +317,7 @@ class LoraConv : public detail::ConvAdapter<LoraConv<Scalar>, Scalar, detail::De
 
   /// A as config.init says (kaiming-uniform with fan_in = in x kernel, as PEFT's lora_A conv), B = 0.
   LoraConv(const ConvBase<Scalar>& base, const AdapterConfig& config) : Base(base, config) {}
-  /// Starts from A (r x in*k..., PEFT's lora_A.weight flattened) and B (out x r).
+  /// Starts from A (r x in*k..., PEFT's lora_A.weight flattened) and B (out x r/groups).
   LoraConv(const ConvBase<Scalar>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
            const Eigen::Ref<const MatrixType>& B)
       : Base(base, config, A, B) {}

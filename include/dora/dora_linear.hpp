@@ -32,6 +32,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
 
   /// W' = diag(m / n) (W + s B A) with the current parameters (PEFT merge), lowered; bias unchanged.
   DoraMerge<Scalar> merge() const {
+    this->check_mergeable();
     DoraMerge<Scalar> out;
     this->merge_scales(out);
     out.weight = this->base_.weight;
@@ -43,6 +44,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
   /// An inactive row (scale 0) returns -s B_i A: W_i exactly when n_i was 0 (V_i = 0); when m_i / n_i
   /// overflowed, V_i was not zero but ||V_i|| < m_i / max(Scalar), the error of that row.
   MatrixType unmerge(const DoraMerge<Scalar>& merged) const {
+    this->check_mergeable();
     const Index d_out = this->base_.d_out(), d_in = this->base_.d_in();
     DORA_CHECK_ARG(merged.weight.rows() == d_out && merged.weight.cols() == d_in && merged.scale.size() == d_out,
                    "merged weight must be ", this->spec_.b_rows, " x ", this->spec_.a_cols, " = ", d_out, " x ", d_in,
@@ -63,13 +65,15 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
  protected:
   static constexpr bool kHasInputGradient = true;
 
-  DenseDora(const FactorSpec& spec, const BaseLayer<Scalar>& base, const AdapterConfig& config)
-      : Base(spec, base, config) {
+  DenseDora(const FactorSpec& spec, const BaseLayer<Scalar>& base, const AdapterConfig& config, Index groups = 1)
+      : Base(spec, base, config, groups) {
+    this->norm_groups_ = groups;
     this->setup_magnitude();
   }
   DenseDora(const FactorSpec& spec, const BaseLayer<Scalar>& base, const AdapterConfig& config,
-            const Eigen::Ref<const MatrixType>& A, const Eigen::Ref<const MatrixType>& B)
-      : Base(spec, base, config, A, B) {
+            const Eigen::Ref<const MatrixType>& A, const Eigen::Ref<const MatrixType>& B, Index groups = 1)
+      : Base(spec, base, config, A, B, groups) {
+    this->norm_groups_ = groups;
     this->setup_magnitude();
   }
 
@@ -87,25 +91,25 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
     const Index r = this->rank();
     // Training stacks A under x (the norm changes every step). Evaluation computes the norm on its
     // own when the cache is stale, so that every evaluation forward runs the same x W^T product and
-    // repeated calls give bitwise identical outputs.
-    stacked_ = this->training_ ? r : 0;
-    if (!this->training_ && !this->cache_matches()) this->compute_norm_alone();
+    // repeated calls give bitwise identical outputs. A grouped convolution's norm is not a product
+    // with W's rows as the base product reads them (dora_core.hpp): it is computed on its own.
+    stacked_ = this->training_ && this->groups_ == 1 ? r : 0;
+    if (stacked_ == 0 && (this->training_ || !this->cache_matches())) this->compute_norm_alone();
     // The buffers always have the r rows below the batch, used or not, so that switching between
     // training and evaluation does not reallocate them.
     this->save_input(x, r, mask);
     if (stacked_ != 0) this->xd_.bottomRows(r) = this->A_;
     const typename BaseLayer<Scalar>::WeightMap& W = this->base_.weight;
-    const Scalar s = this->scaling_;
     const Index N = this->batch_;
     H_.resize(N + r, this->base_.d_out());
     if (stacked_ != 0) {
       H_.noalias() = this->xd_ * W.transpose();
     } else {
       // Evaluation: the same product as infer() (split over W's rows at small n), bit for bit.
-      frozen_product(this->xd_.topRows(N), W, H_.topRows(N));
+      this->base_product(this->xd_.topRows(N), H_.topRows(N));
     }
     if (stacked_ != 0) this->compute_norm_with(H_.bottomRows(r));
-    h().noalias() += s * this->u_ * this->B_.transpose();
+    this->add_up_product(this->u_, h());
     const VectorType& g = this->g_;
     if (!this->dropout_applied_) {
       // One pass for the compose and the bias.
@@ -116,8 +120,8 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
       }
     } else {
       // y = x W^T + s u B^T + (g - 1) hd: the base product of the undropped x is needed too.
-      y.noalias() = x * W.transpose();
-      y.noalias() += s * this->u_ * this->B_.transpose();
+      this->base_product(x, y);
+      this->add_up_product(this->u_, y);
       for (Index t = 0; t < N; ++t) y.row(t).array() += H_.row(t).array() * (g.transpose().array() - Scalar(1));
       if (this->base_.has_bias()) y.rowwise() += this->base_.bias.transpose();
     }
@@ -130,8 +134,8 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
     const VectorType& g = this->g_;
     u.resize(N, this->rank());
     u.noalias() = x * this->A_.transpose();
-    frozen_product(x, this->base_.weight, y);
-    y.noalias() += this->scaling_ * u * this->B_.transpose();
+    this->base_product(x, y);
+    this->add_up_product(u, y);
     if (this->base_.has_bias()) {
       for (Index t = 0; t < N; ++t) y.row(t) = y.row(t).cwiseProduct(g.transpose()) + this->base_.bias.transpose();
     } else {
@@ -144,14 +148,13 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
 
   void backward_lowered(const Eigen::Ref<const MatrixType>& G, Eigen::Ref<MatrixType>* dx) {
     const typename BaseLayer<Scalar>::WeightMap& W = this->base_.weight;
-    const Scalar s = this->scaling_;
     const Index N = this->batch_;
     const Index r = this->rank();
     const bool exact = this->config_.norm_gradient == NormGradient::exact;
     this->accumulate_magnitude_grad(G, h());
     // h is no longer needed: it becomes Gg = G diag(g), so DoRA keeps one N x d_out buffer, not two.
     for (Index t = 0; t < N; ++t) H_.row(t) = G.row(t).cwiseProduct(this->g_.transpose());
-    this->grad_B_.noalias() += s * h().transpose() * this->u_;
+    this->accumulate_B(h());
     this->accumulate_A(h());
     // With the exact gradient, dA gains s (diag(beta) B)^T W: stacked under Gg, one product
     // [Gg; s (diag(beta) B)^T] W gives dx's share and dA's, reading W once.
@@ -159,6 +162,9 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
     if (exact) {
       if (stacked_ == r) {
         this->accumulate_norm_gradient(H_.bottomRows(r), !stack);
+      } else if (this->groups_ > 1) {
+        // The forward computed this norm on its own (or found it cached): its chunks' P^T are kept.
+        this->accumulate_grouped_norm_gradient();
       } else {
         // The forward used a cached norm (evaluation mode): P^T is computed here.
         this->compute_norm_alone();
@@ -173,14 +179,14 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
           *dx = this->xd();
           this->grad_A_ += this->xd_.bottomRows(r);
         } else {
-          dx->noalias() = h() * W;
+          this->base_adjoint(h(), *dx);
         }
         dx->noalias() += this->du_ * this->A_;
       } else {
         // dx = G W + mask * [(Gg - G) W + du A]; xd is no longer needed and holds the bracket.
-        dx->noalias() = G * W;
+        this->base_adjoint(G, *dx);
         h() -= G;
-        this->xd().noalias() = h() * W;
+        this->base_adjoint(h(), this->xd());
         this->xd().noalias() += this->du_ * this->A_;
         *dx += this->xd().cwiseProduct(this->mask_);
       }

@@ -20,12 +20,14 @@ class DenseLora : public DenseAdapter<Derived, Scalar> {
 
   /// W' = W + s B A (PEFT merge), lowered (d_out x d_in); the bias is unchanged.
   MatrixType merged_weight() const {
+    this->check_mergeable();
     MatrixType merged = this->base_.weight;
     merged.noalias() += this->scaling_ * this->B_ * this->A_;
     return merged;
   }
   /// W = W' - s B A (PEFT unmerge), with the current A and B.
   MatrixType unmerge(const Eigen::Ref<const MatrixType>& merged) const {
+    this->check_mergeable();
     DORA_CHECK_ARG(merged.rows() == this->base_.d_out() && merged.cols() == this->base_.d_in(),
                    "merged weight must be ", this->spec_.b_rows, " x ", this->spec_.a_cols, " = ", this->base_.d_out(),
                    " x ", this->base_.d_in(), ", got ", merged.rows(), " x ", merged.cols());
@@ -46,8 +48,8 @@ class DenseLora : public DenseAdapter<Derived, Scalar> {
   /// y = x W^T + b + s (xd A^T) B^T on the lowered input.
   void forward_lowered(const Eigen::Ref<const MatrixType>& x, const MatrixType* mask, Eigen::Ref<MatrixType> y) {
     this->save_input(x, 0, mask);
-    frozen_product(x, this->base_.weight, y);
-    y.noalias() += this->scaling_ * this->u_ * this->B_.transpose();
+    this->base_product(x, y);
+    this->add_up_product(this->u_, y);
     if (this->base_.has_bias()) y.rowwise() += this->base_.bias.transpose();
     this->saved_ = true;
   }
@@ -55,17 +57,17 @@ class DenseLora : public DenseAdapter<Derived, Scalar> {
   void infer_lowered(const Eigen::Ref<const MatrixType>& x, Eigen::Ref<MatrixType> y, MatrixType& u) const {
     u.resize(x.rows(), this->rank());
     u.noalias() = x * this->A_.transpose();
-    frozen_product(x, this->base_.weight, y);
-    y.noalias() += this->scaling_ * u * this->B_.transpose();
+    this->base_product(x, y);
+    this->add_up_product(u, y);
     if (this->base_.has_bias()) y.rowwise() += this->base_.bias.transpose();
   }
 
   /// dA, dB from G (N x d_out); dx (lowered, N x d_in) if asked.
   void backward_lowered(const Eigen::Ref<const MatrixType>& G, Eigen::Ref<MatrixType>* dx) {
-    this->grad_B_.noalias() += this->scaling_ * G.transpose() * this->u_;
+    this->accumulate_B(G);
     this->accumulate_A(G);
     if (dx != nullptr) {
-      dx->noalias() = G * this->base_.weight;
+      this->base_adjoint(G, *dx);
       if (this->dropout_applied_) {
         // dxd = du A reaches x through the mask; xd is no longer needed, so it holds dxd.
         this->xd().noalias() = this->du_ * this->A_;

@@ -82,7 +82,8 @@ class Adapter {
   /// lora_embedding_A for embeddings). The mutable view cannot be resized.
   const MatrixType& lora_A() const { return A_; }
   Eigen::Ref<MatrixType> lora_A() { return A_; }
-  /// B (rows of the lowered map x r), PEFT lora_B.weight (flattened) / lora_embedding_B.
+  /// B (rows of the lowered map x r), PEFT lora_B.weight (flattened) / lora_embedding_B. A grouped
+  /// convolution's B is out_channels x (r / groups): PEFT's lora_B is a grouped 1x1 convolution.
   const MatrixType& lora_B() const { return B_; }
   Eigen::Ref<MatrixType> lora_B() { return B_; }
   /// Accumulated gradients; zero_grad() clears them.
@@ -97,8 +98,9 @@ class Adapter {
     A_ = A;
   }
   void set_lora_B(const Eigen::Ref<const MatrixType>& B) {
-    DORA_CHECK_ARG(B.rows() == B_.rows() && B.cols() == rank(), spec_.b_name, " must be ", spec_.b_rows,
-                   " x r = ", B_.rows(), " x ", rank(), ", got ", B.rows(), " x ", B.cols());
+    DORA_CHECK_ARG(B.rows() == B_.rows() && B.cols() == B_.cols(), spec_.b_name, " must be ", spec_.b_rows,
+                   groups_ == 1 ? " x r = " : " x (r / groups) = ", B_.rows(), " x ", B_.cols(), ", got ", B.rows(),
+                   " x ", B.cols());
     B_ = B;
   }
 
@@ -169,9 +171,9 @@ class Adapter {
 
  protected:
   /// a_cols x b_rows: the lowered map's d_in and d_out. A and B from config.init (PEFT's rule for the
-  /// layer type).
-  Adapter(const FactorSpec& spec, Index a_cols, Index b_rows, const AdapterConfig& config)
-      : spec_(spec), config_(config) {
+  /// layer type). groups > 1 (grouped convolutions): B is b_rows x (r / groups).
+  Adapter(const FactorSpec& spec, Index a_cols, Index b_rows, const AdapterConfig& config, Index groups = 1)
+      : spec_(spec), config_(config), groups_(groups) {
     setup(a_cols, b_rows);
     DORA_CHECK_ARG(config_.init != Init::user, "Init::user needs ", spec_.a_name, " and ", spec_.b_name,
                    " passed to the layer's constructor");
@@ -184,17 +186,17 @@ class Adapter {
       for (Index i = 0; i < B_.size(); ++i) B_.data()[i] = static_cast<Scalar>(init_rng.normal());
     } else {
       A_ = initial_lora_A<Scalar>(config_.rank, a_cols, config_.init, init_rng);
-      B_ = MatrixType::Zero(b_rows, config_.rank);
+      B_ = MatrixType::Zero(b_rows, config_.rank / groups_);
     }
   }
 
   Adapter(const FactorSpec& spec, Index a_cols, Index b_rows, const AdapterConfig& config,
-          const Eigen::Ref<const MatrixType>& A, const Eigen::Ref<const MatrixType>& B)
-      : spec_(spec), config_(config) {
+          const Eigen::Ref<const MatrixType>& A, const Eigen::Ref<const MatrixType>& B, Index groups = 1)
+      : spec_(spec), config_(config), groups_(groups) {
     config_.init = Init::user;
     setup(a_cols, b_rows);
     A_.resize(config_.rank, a_cols);
-    B_.resize(b_rows, config_.rank);
+    B_.resize(b_rows, config_.rank / groups_);
     set_lora_A(A);
     set_lora_B(B);
   }
@@ -241,6 +243,7 @@ class Adapter {
   FactorSpec spec_;
   AdapterConfig config_;
   Scalar scaling_ = 0;
+  Index groups_ = 1;  // > 1: a grouped convolution's block-diagonal B (conv.hpp)
   bool training_ = true;
   MatrixType A_, B_, grad_A_, grad_B_;
   detail::Rng dropout_rng_;
@@ -251,10 +254,14 @@ class Adapter {
   void setup(Index a_cols, Index b_rows) {
     config_.validate();
     DORA_CHECK_ARG(a_cols >= 1 && b_rows >= 1, "the adapted map must be non-empty, got ", b_rows, " x ", a_cols);
+    // PEFT's own refusal (LoraLayer._ConvNd.update_layer), in its words.
+    DORA_CHECK_ARG(groups_ >= 1 && config_.rank % groups_ == 0 && b_rows % groups_ == 0,
+                   "targeting a convolution with groups=", groups_, " and rank ", config_.rank, " (", b_rows,
+                   " output channels): the rank and the output channels must be divisible by groups");
     scaling_ = static_cast<Scalar>(config_.scaling());
     seed_dropout(config_.seed);
     grad_A_ = MatrixType::Zero(config_.rank, a_cols);
-    grad_B_ = MatrixType::Zero(b_rows, config_.rank);
+    grad_B_ = MatrixType::Zero(b_rows, config_.rank / groups_);
   }
 
   std::vector<Parameter<Scalar>> params_;

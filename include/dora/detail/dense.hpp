@@ -3,8 +3,14 @@
 /// The dense-input machinery of layers whose lowered input is a matrix X (N x d_in): Linear, where
 /// X is x itself, and convolutions, where X is x unfolded (im2col). It saves xd = dropout(X) and
 /// u = xd A^T for backward. The frozen product reads the borrowed lowered weight W (d_out x d_in).
+///
+/// Grouped convolutions (groups G > 1, conv.hpp): W is d_out x (d_in / G) and output block g (rows
+/// [g d_out/G, (g+1) d_out/G)) sees input block g only; B (d_out x r/G) is PEFT's grouped 1x1
+/// lora_B, so output block g reads u's columns [g r/G, (g+1) r/G); A (r x d_in) stays dense (PEFT's
+/// lora_A has groups 1). The products below are those block-diagonal maps, one GEMM per group.
 
 #include "adapter.hpp"
+#include "parallel.hpp"
 
 namespace dora {
 namespace detail {
@@ -23,14 +29,17 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
   const BaseLayer<Scalar>& base() const { return base_; }
 
  protected:
-  DenseAdapter(const FactorSpec& spec, const BaseLayer<Scalar>& base, const AdapterConfig& config)
-      : Base(spec, base.d_in(), base.d_out(), config), base_(base) {}
+  DenseAdapter(const FactorSpec& spec, const BaseLayer<Scalar>& base, const AdapterConfig& config, Index groups = 1)
+      : Base(spec, base.d_in() * groups, base.d_out(), config, groups), base_(base) {}
   DenseAdapter(const FactorSpec& spec, const BaseLayer<Scalar>& base, const AdapterConfig& config,
-               const Eigen::Ref<const MatrixType>& A, const Eigen::Ref<const MatrixType>& B)
-      : Base(spec, base.d_in(), base.d_out(), config, A, B), base_(base) {}
+               const Eigen::Ref<const MatrixType>& A, const Eigen::Ref<const MatrixType>& B, Index groups = 1)
+      : Base(spec, base.d_in() * groups, base.d_out(), config, A, B, groups), base_(base) {}
+
+  /// Columns of the lowered input: d_in (G d_in of the grouped W's columns).
+  Index lowered_cols() const { return this->A_.cols(); }
 
   void check_lowered_input(const Eigen::Ref<const MatrixType>& x, const Eigen::Ref<MatrixType>& y) const {
-    DORA_CHECK_ARG(x.cols() == base_.d_in(), "x must have d_in = ", base_.d_in(), " columns, got ", x.rows(), " x ",
+    DORA_CHECK_ARG(x.cols() == lowered_cols(), "x must have d_in = ", lowered_cols(), " columns, got ", x.rows(), " x ",
                    x.cols());
     DORA_CHECK_ARG(y.rows() == x.rows() && y.cols() == base_.d_out(), "y must be N x d_out = ", x.rows(), " x ",
                    base_.d_out(), ", got ", y.rows(), " x ", y.cols());
@@ -45,13 +54,13 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
   /// input, so that every copy of an input element shares its draw); null: drawn here if dropout is on.
   void save_input(const Eigen::Ref<const MatrixType>& x, Index extra_rows, const MatrixType* mask) {
     this->batch_ = x.rows();
-    xd_.resize(this->batch_ + extra_rows, base_.d_in());
+    xd_.resize(this->batch_ + extra_rows, lowered_cols());
     u_.resize(this->batch_, this->rank());
     if (mask != nullptr || this->dropout_active()) {
       if (mask != nullptr) {
         mask_ = *mask;
       } else {
-        mask_.resize(this->batch_, base_.d_in());
+        mask_.resize(this->batch_, lowered_cols());
         this->draw_dropout_mask(mask_);
       }
       xd() = x.cwiseProduct(mask_);
@@ -70,8 +79,69 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
   template <typename DG>
   void accumulate_A(const Eigen::MatrixBase<DG>& Gs) {
     du_.resize(this->batch_, this->rank());
-    du_.noalias() = this->scaling_ * Gs * this->B_;
+    if (this->groups_ == 1) {
+      du_.noalias() = this->scaling_ * Gs * this->B_;
+    } else {
+      const Index o = this->B_.rows() / this->groups_, q = this->B_.cols();
+      for (Index g = 0; g < this->groups_; ++g)
+        du_.middleCols(g * q, q).noalias() = this->scaling_ * Gs.middleCols(g * o, o) * this->B_.middleRows(g * o, o);
+    }
     this->grad_A_.noalias() += du_.transpose() * xd();
+  }
+
+  /// Y = X W^T, overwritten (grouped: block g of Y's columns from block g of X's, one GEMM each).
+  template <typename DX, typename DY>
+  void base_product(const Eigen::MatrixBase<DX>& X, DY&& Y) const {
+    if (this->groups_ == 1) {
+      frozen_product(X, base_.weight, Y);
+      return;
+    }
+    const Index o = base_.d_out() / this->groups_, c = base_.d_in();
+    for (Index g = 0; g < this->groups_; ++g)
+      Y.middleCols(g * o, o).noalias() = X.middleCols(g * c, c) * base_.weight.middleRows(g * o, o).transpose();
+  }
+  /// dX = G W, overwritten (grouped: block g of dX's columns from block g of G's).
+  template <typename DG, typename DX>
+  void base_adjoint(const Eigen::MatrixBase<DG>& G, DX&& dX) const {
+    if (this->groups_ == 1) {
+      dX.noalias() = G * base_.weight;
+      return;
+    }
+    const Index o = base_.d_out() / this->groups_, c = base_.d_in();
+    for (Index g = 0; g < this->groups_; ++g)
+      dX.middleCols(g * c, c).noalias() = G.middleCols(g * o, o) * base_.weight.middleRows(g * o, o);
+  }
+  /// Refuses merging a grouped layer: its low-rank path is dense over all inputs (PEFT's lora_A
+  /// has groups 1), which no grouped kernel of W's shape can hold; PEFT 0.21 refuses too.
+  void check_mergeable() const {
+    DORA_CHECK_STATE(this->groups_ == 1, "a convolution with groups = ", this->groups_,
+                     " cannot be merged: its adapter (lora_A with groups 1) reaches every input channel, which a "
+                     "grouped kernel cannot hold (PEFT 0.21 refuses too: \"Merging is not supported for _ConvNd "
+                     "layers with groups > 1\")");
+  }
+  /// Y += s u B^T (B block-diagonal when grouped).
+  template <typename DU, typename DY>
+  void add_up_product(const Eigen::MatrixBase<DU>& u, DY&& Y) const {
+    if (this->groups_ == 1) {
+      Y.noalias() += this->scaling_ * u * this->B_.transpose();
+      return;
+    }
+    const Index o = this->B_.rows() / this->groups_, q = this->B_.cols();
+    for (Index g = 0; g < this->groups_; ++g)
+      Y.middleCols(g * o, o).noalias() +=
+          this->scaling_ * u.middleCols(g * q, q) * this->B_.middleRows(g * o, o).transpose();
+  }
+  /// dB += s Gs^T u (only B's blocks when grouped).
+  template <typename DG>
+  void accumulate_B(const Eigen::MatrixBase<DG>& Gs) {
+    if (this->groups_ == 1) {
+      this->grad_B_.noalias() += this->scaling_ * Gs.transpose() * u_;
+      return;
+    }
+    const Index o = this->B_.rows() / this->groups_, q = this->B_.cols();
+    for (Index g = 0; g < this->groups_; ++g)
+      this->grad_B_.middleRows(g * o, o).noalias() +=
+          this->scaling_ * Gs.middleCols(g * o, o).transpose() * u_.middleCols(g * q, q);
   }
 
   BaseLayer<Scalar> base_;

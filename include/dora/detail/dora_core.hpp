@@ -8,8 +8,20 @@
 /// The layer type (Derived) supplies its lowered weight view, lowered_weight(): W for a linear
 /// layer, the flattened kernel for a convolution, the transposed table for an embedding. The
 /// norm's formulas are those of row_norm.hpp and docs/math.md, whatever the layer type.
+///
+/// Grouped convolutions (norm_groups_ = G > 1) have PEFT 0.21's norm, which is not the norm of the
+/// applied kernel: PEFT forms V = W + s reshape(B.view(-1, r) @ A.view(r, -1), W.shape), i.e. it
+/// reads B's (d_out x r/G) buffer as B' (d_out/G x r) and cuts each row of B' A (d_in G columns)
+/// into G pieces. So row o of the lowered W (d_out x d_in) has the direction
+///   V_o = W_o + s B'_{o / G} A_{o mod G},   A_c = columns [c d_in, (c+1) d_in) of A,
+/// and the rows o = c, c + G, c + 2G, ... form an ordinary factored norm of (W_c, A_c, B'), W_c
+/// those rows of W (a strided view, no copy). The norm and its exact gradient are computed chunk by
+/// chunk with the same code as for G = 1 (docs/math.md, section 13).
 
 #include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "../magnitude.hpp"
 #include "../row_norm.hpp"
@@ -60,9 +72,17 @@ class DoraMagnitude {
   /// Norms of the lowered W + s B A with the current A, B (factored; see row_norm.hpp).
   VectorType compute_row_norm() const {
     const Index d_out = self().lora_B().rows();
+    VectorType n(d_out);
+    if constexpr (groupable()) {
+      if (norm_groups_ > 1) {
+        std::vector<NormChunk> chunks;
+        MatrixType Bp;
+        grouped_norm(chunks, Bp, n);
+        return n;
+      }
+    }
     detail::FactoredRowNorm<Scalar> work;
     work.resize(d_out, self().lora_A().cols(), self().rank());
-    VectorType n(d_out);
     work.compute(self().lowered_weight(), w_sq_, self().lora_A(), self().lora_B(), self().scaling(), n);
     return n;
   }
@@ -118,8 +138,14 @@ class DoraMagnitude {
   }
   /// n and g with P^T computed here (evaluation mode, or a layer that has no stacked product).
   void compute_norm_alone() {
-    rows_recomputed_ =
-        norm_.compute(self().lowered_weight(), w_sq_, self().lora_A(), self().lora_B(), self().scaling(), n_);
+    bool grouped = false;
+    if constexpr (groupable()) {
+      grouped = norm_groups_ > 1;
+      if (grouped) rows_recomputed_ = grouped_norm(chunks_, Bp_, n_);
+    }
+    if (!grouped)
+      rows_recomputed_ =
+          norm_.compute(self().lowered_weight(), w_sq_, self().lora_A(), self().lora_B(), self().scaling(), n_);
     update_scale_from_norm();
   }
   /// P^T from the last compute_norm_alone().
@@ -178,6 +204,34 @@ class DoraMagnitude {
     grad_A.noalias() += s * Kb_ * self().lora_A();
   }
 
+  /// The exact gradient's norm terms for groups > 1, chunk by chunk, from the last
+  /// compute_norm_alone() (the forward's, or the evaluation cache's: the same A, B and m).
+  void accumulate_grouped_norm_gradient() {
+    const Index G = norm_groups_, rows = Bp_.rows(), r = Bp_.cols();
+    const Index cin = self().lora_A().cols() / G;
+    const Scalar s = self().scaling();
+    // B' and dB' share B's and dB's buffers (row-major d_out x r/G read as d_out/G x r).
+    Eigen::Ref<MatrixType> grad_B = derived().grad_lora_B();
+    Eigen::Map<MatrixType> grad_Bp(grad_B.data(), rows, r);
+    Eigen::Ref<MatrixType> grad_A = derived().grad_lora_A();
+    beta_n_ = -(g_.array() * dm_.array()).matrix();
+    for (Index c = 0; c < G; ++c) {
+      const NormChunk& chunk = chunks_[static_cast<std::size_t>(c)];
+      Qc_ = chunk.norm.PT();
+      // The same row terms as accumulate_norm_gradient(), for the rows o = c + j G.
+      for (Index j = 0; j < rows; ++j) {
+        const Index o = c + j * G;
+        t_.noalias() = Bp_.row(j) * chunk.norm.K();
+        t_ = (s * t_ + Qc_.col(j).transpose()) / n_div_[o];
+        grad_Bp.row(j) += (s * beta_n_[o]) * t_;
+        Qc_.col(j) = (s * beta_n_[o]) * (Bp_.row(j).transpose() / n_div_[o]);
+      }
+      grad_A.middleCols(c * cin, cin).noalias() += Qc_ * chunk_weight(c);
+      Kb_.noalias() = Qc_ * Bp_;
+      grad_A.middleCols(c * cin, cin).noalias() += s * Kb_ * chunk.A;
+    }
+  }
+
   /// The merge's row scales (and norms) with the current parameters.
   void merge_scales(DoraMerge<Scalar>& out) const {
     out.row_norm = compute_row_norm();
@@ -185,6 +239,52 @@ class DoraMagnitude {
     for (Index i = 0; i < m_.size(); ++i) out.scale[i] = magnitude_scale(m_[i], out.row_norm[i]);
   }
 
+  // One chunk of a grouped norm: A_c, the chunk's ||W_o||^2 and n, and its factored norm (P^T, K).
+  struct NormChunk {
+    detail::FactoredRowNorm<Scalar> norm;
+    MatrixType A;
+    VectorType w_sq, n;
+  };
+  using StridedRows = Eigen::Map<const MatrixType, Eigen::Unaligned, Eigen::OuterStride<>>;
+  // Whether the layer's lowered W is a strided map (dense layers) that a grouped norm can cut into
+  // chunks; the embedding's transposed table is not, and never grouped.
+  static constexpr bool groupable() {
+    return std::is_same<std::decay_t<decltype(std::declval<const Derived&>().lowered_weight())>, StridedRows>::value;
+  }
+
+  // Rows c, c + G, c + 2G, ... of the lowered W, in place.
+  StridedRows chunk_weight(Index c) const {
+    const typename BaseLayer<Scalar>::WeightMap& W = self().lowered_weight();
+    const Index G = norm_groups_;
+    return StridedRows(W.data() + c * W.outerStride(), W.rows() / G, W.cols(),
+                       Eigen::OuterStride<>(G * W.outerStride()));
+  }
+
+  // n for groups > 1 (see the file comment); the workspaces keep their sizes, so a training loop
+  // allocates nothing here after the first step. Returns the rows recomputed directly.
+  Index grouped_norm(std::vector<NormChunk>& chunks, MatrixType& Bp, VectorType& n) const {
+    const MatrixType& A = self().lora_A();
+    const MatrixType& B = self().lora_B();
+    const Index G = norm_groups_, rows = B.rows() / G, r = A.rows(), cin = A.cols() / G;
+    Bp = Eigen::Map<const MatrixType>(B.data(), rows, r);
+    chunks.resize(static_cast<std::size_t>(G));
+    Index direct = 0;
+    for (Index c = 0; c < G; ++c) {
+      NormChunk& chunk = chunks[static_cast<std::size_t>(c)];
+      chunk.A = A.middleCols(c * cin, cin);
+      chunk.w_sq =
+          Eigen::Map<const VectorType, 0, Eigen::InnerStride<>>(w_sq_.data() + c, rows, Eigen::InnerStride<>(G));
+      chunk.n.resize(rows);
+      chunk.norm.resize(rows, cin, r);
+      direct += chunk.norm.compute(chunk_weight(c), chunk.w_sq, chunk.A, Bp, self().scaling(), chunk.n);
+      for (Index j = 0; j < rows; ++j) n[c + j * G] = chunk.n[j];
+    }
+    return direct;
+  }
+
+  Index norm_groups_ = 1;  // > 1: a grouped convolution's norm (set by the layer before setup_magnitude)
+  std::vector<NormChunk> chunks_;
+  MatrixType Bp_, Qc_;
   VectorType m_, grad_m_;
   VectorType w_sq_;  // ||W_i||^2 of the lowered W, fixed while W is
   detail::FactoredRowNorm<Scalar> norm_;

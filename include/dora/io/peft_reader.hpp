@@ -253,12 +253,12 @@ class PeftAdapter {
     return layer;
   }
 
-  /// LoRA layer on a convolution whose weight [out, in, k...] (base.geometry: dims, channels,
-  /// kernel) is the one the module's lora_A [r, in, k...] and lora_B [out, r, 1...] need, with the
-  /// module's A and B flattened (r x in k..., out x r). Stride, padding and dilation are the base's.
-  /// Throws PeftError if the module is not a Conv one, is DoRA, is grouped (r / lora_B.shape[1] > 1:
-  /// LoraConv supports groups = 1 only, as PEFT 0.21 cannot merge grouped convolutions), or the
-  /// base's shape does not fit (naming the module and both shapes).
+  /// LoRA layer on a convolution whose weight [out, in / groups, k...] (base.geometry: dims,
+  /// channels, groups, kernel) is the one the module's lora_A [r, in, k...] and lora_B
+  /// [out, r / groups, 1...] need, with the module's A and B flattened (r x in k..., out x r/groups).
+  /// Stride, padding and dilation are the base's. Throws PeftError if the module is not a Conv one,
+  /// is DoRA, or the base's shape or groups do not fit (naming the module and both). A grouped
+  /// layer trains and evaluates but cannot be merged (as in PEFT).
   template <typename Scalar>
   LoraConv<Scalar> make_lora_conv(const std::string& path, const ConvBase<Scalar>& base) const {
     const PeftModule& m = module(path);
@@ -312,16 +312,15 @@ class PeftAdapter {
                                            ": use " + builder_for(m.kind, m.use_dora) + "()");
   }
 
-  // A conv module fits a base of geometry g: groups 1, and [out, in, k...] equal to the module's.
+  // A conv module fits a base of geometry g: the module's groups (r / lora_B.shape[1]), and
+  // [out, in / groups, k...] equal to the module's.
   void check_conv_base(const PeftModule& m, const ConvGeometry& g) const {
-    if (m.groups != 1)
+    if (m.groups != g.groups)
       detail::peft_fail(weights_file_,
-                        "module '" + m.path + "' is a grouped " + m.kind_name() + " adapter (groups " +
-                            std::to_string(m.groups) + " = r " + std::to_string(m.rank) +
-                            " / lora_B.shape[1]): LoraConv / DoraConv support groups = 1 only, since PEFT 0.21 "
-                            "cannot merge grouped convolutions and its DoRA norm for groups > 1 is not the norm of "
-                            "the kernel the low-rank path applies");
-    std::vector<std::int64_t> shape{g.out_channels, g.in_channels};
+                        "module '" + m.path + "' is " + a_or_an(m.kind_name()) + " adapter with groups " +
+                            std::to_string(m.groups) + " (r " + std::to_string(m.rank) +
+                            " / lora_B.shape[1]) but the base convolution has groups " + std::to_string(g.groups));
+    std::vector<std::int64_t> shape{g.out_channels, g.in_channels / g.groups};
     shape.insert(shape.end(), g.kernel.begin(), g.kernel.begin() + g.dims);
     check_base_tensor(m, shape, false, "<base convolution>", m.weight_name());
   }

@@ -63,20 +63,21 @@ class PeftAdapterWriter {
                   layer.magnitude().template cast<double>());
   }
   /// An nn.Conv1d/2d/3d module (geometry().dims): the layer's flattened A (r x in k...), B
-  /// (out x r), DoRA's magnitude (out), and its kernel (the first dims entries of
+  /// (out x r / groups), DoRA's magnitude (out), its groups and its kernel (the first dims entries of
   /// geometry().kernel), through add_conv(). Stride, padding and dilation belong to the base
   /// nn.ConvNd; PEFT 0.21's lora_A takes the base's stride and padding but not its dilation, so
   /// an adapter of a dilated convolution loads there but its forward fails (huggingface/peft#3697).
   template <typename Scalar>
   void add(const std::string& path, const LoraConv<Scalar>& layer) {
     add_conv(path, layer.config(), layer.geometry().in_channels, conv_kernel(layer.geometry()),
-             layer.lora_A().template cast<double>(), layer.lora_B().template cast<double>());
+             layer.lora_A().template cast<double>(), layer.lora_B().template cast<double>(), Eigen::VectorXd(),
+             layer.geometry().groups);
   }
   template <typename Scalar>
   void add(const std::string& path, const DoraConv<Scalar>& layer) {
     add_conv(path, layer.config(), layer.geometry().in_channels, conv_kernel(layer.geometry()),
              layer.lora_A().template cast<double>(), layer.lora_B().template cast<double>(),
-             layer.magnitude().template cast<double>());
+             layer.magnitude().template cast<double>(), layer.geometry().groups);
   }
 
   /// An nn.Embedding module from its matrices: A = lora_embedding_A (rank x num_embeddings),
