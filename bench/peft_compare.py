@@ -7,6 +7,10 @@ gradient, the base weight is frozen, the adapter's parameters are trained. PEFT'
 from this repo; see bench/README.md for the exact commands). Medians of `--reps` timed steps after
 one warm-up step.
 
+Then the evaluation forward at n = 1 and 32 (4096 x 4096, r = 16): torch's frozen nn.Linear,
+PEFT's DoRA in eval mode without and with its norm cache (peft.helpers.DoraCaching, where this
+PEFT has it), and step_driver's basefwd / lorainfer / dorainfer (dora's cached-norm evaluation).
+
 usage: peft_compare.py --driver PATH [--threads 1 16] [--reps 5] [--out DIR]
 """
 import argparse
@@ -70,10 +74,41 @@ def time_peft(method, d_out, d_in, r, n, reps):
     return statistics.median(times)
 
 
-def time_dora(driver, threads, d_out, d_in, r, n, reps):
+EVAL_SHAPES = [(4096, 4096, 16, 1), (4096, 4096, 16, 32)]
+
+
+def time_peft_eval(method, d_out, d_in, r, n, reps, cached=False):
+    """Median ms of an evaluation forward (no grad). cached: inside peft.helpers.DoraCaching."""
+    model = build(method, d_out, d_in, r)
+    model.eval()
+    x = torch.randn(n, d_in, generator=torch.Generator().manual_seed(1))
+    ctx = None
+    if cached:
+        try:
+            from peft.helpers import DoraCaching
+        except ImportError:
+            return float("nan")
+        ctx = DoraCaching()
+        ctx.__enter__()
+    try:
+        with torch.no_grad():
+            model(x)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                model(x)
+                times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+    return statistics.median(times)
+
+
+def time_dora(driver, threads, d_out, d_in, r, n, reps,
+              methods=("base", "lora", "dora", "doraexact", "doradense")):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    out = subprocess.run([driver, str(d_out), str(d_in), str(r), str(n), str(reps), "base", "lora", "dora",
-                          "doraexact", "doradense"], env=env, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([driver, str(d_out), str(d_in), str(r), str(n), str(reps), *methods], env=env, check=True,
+                         capture_output=True, text=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return {row["method"]: row["median_ms"] for row in rows}
 
@@ -123,6 +158,24 @@ def main():
             f"| {row['dora_base']:.1f} | {row['dora_lora']:.1f} | {row['dora_dora']:.1f} | {row['dora_doraexact']:.1f} "
             f"| {row['dora_doradense']:.1f} | {row['dora_dora'] / row['dora_lora']:.3f} "
             f"| {row['dora_doraexact'] / row['dora_lora']:.3f} | {row['peft_dora'] / row['dora_dora']:.2f} |")
+    lines += ["", "Evaluation forward (no grad), ms:", "",
+              "| shape d_out/d_in/r/n | threads | torch frozen Linear | PEFT DoRA eval | PEFT DoRA eval, DoraCaching "
+              "| dora base fwd | dora LoRA infer | dora DoRA infer (cached norm) | dora DoRA / torch frozen |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for (d_out, d_in, r, n) in EVAL_SHAPES:
+            row = {"threads": threads, "d_out": d_out, "d_in": d_in, "r": r, "n": n, "eval": True,
+                   "torch_base": time_peft_eval("base", d_out, d_in, r, n, args.reps),
+                   "peft_dora": time_peft_eval("dora", d_out, d_in, r, n, args.reps),
+                   "peft_dora_cached": time_peft_eval("dora", d_out, d_in, r, n, args.reps, cached=True)}
+            ours = time_dora(args.driver, threads, d_out, d_in, r, n, args.reps, ("basefwd", "lorainfer", "dorainfer"))
+            row.update({"dora_" + k: v for k, v in ours.items()})
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            lines.append(f"| {d_out}/{d_in}/{r}/{n} | {threads} | {row['torch_base']:.3f} | {row['peft_dora']:.3f} "
+                         f"| {row['peft_dora_cached']:.3f} | {row['dora_basefwd']:.3f} | {row['dora_lorainfer']:.3f} "
+                         f"| {row['dora_dorainfer']:.3f} | {row['dora_dorainfer'] / row['torch_base']:.2f} |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.out, "peft_compare.md"), "w") as f:

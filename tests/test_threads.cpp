@@ -2,6 +2,7 @@
 // independent layers sharing one borrowed W. Results must equal the single-thread run bit for bit.
 // Built and run under ThreadSanitizer in CI.
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <thread>
 #include <vector>
@@ -99,7 +100,7 @@ TEST_CASE("Independent layers on one shared W train concurrently", "[threads]") 
 #endif
 
 TEST_CASE("Small-batch evaluation split over OpenMP threads agrees with one thread", "[threads][openmp]") {
-  // At n <= 32 the frozen product is split over blocks of W's rows (detail/parallel.hpp). Without
+  // At every n the frozen product is split over blocks of W's rows (detail/parallel.hpp). Without
   // OpenMP (the ThreadSanitizer build) both runs take Eigen's product and agree exactly.
   const Mat<float> W = random_matrix<float>(512, 512, 1);  // large enough to be split (kParallelWork)
   const Vec<float> b = random_vector<float>(512, 2);
@@ -127,9 +128,9 @@ TEST_CASE("Small-batch evaluation split over OpenMP threads agrees with one thre
     const double e_dora = rel_err(y3_dora, y1_dora), e_lora = rel_err(y3_lora, y1_lora);
     std::printf("n = %ld: 3 threads vs 1, relative difference DoRA %.2e, LoRA %.2e\n", static_cast<long>(n), e_dora,
                 e_lora);
-    // The two thread counts may take different paths (one thread: Eigen's GEMM above 8 rows; three:
-    // dot products up to 24), and Eigen's threaded GEMM sums in another order: float rounding of
-    // 512-term sums.
+    // The two thread counts may take different paths (n = 1: one matrix-vector product against
+    // three; above 8 rows: Eigen's GEMM on all of W against one GEMM per block of W, whose blocking
+    // may sum in another order): float rounding of 512-term sums.
     const double tol = 1e-5;
     CHECK(e_dora <= tol);
     CHECK(e_lora <= tol);
@@ -140,4 +141,67 @@ TEST_CASE("Small-batch evaluation split over OpenMP threads agrees with one thre
 #ifdef _OPENMP
   omp_set_num_threads(saved);
 #endif
+}
+
+TEST_CASE("A training step split over OpenMP threads agrees with one thread", "[threads][openmp]") {
+  // Above 8 rows the layers split x W^T over W's rows and G W over its columns, and spread the
+  // element-wise passes (compose, dm, G diag(g), the norm's row terms) over rows or columns
+  // (detail/parallel.hpp). Two shapes so that every split is taken with 3 threads: 512 x 512 with
+  // 512 rows (products, compose, dm), and 4096 x 64 with r = 16 (the norm's row terms over 4096
+  // rows). Each output element is still one sum in one thread, but Eigen's blocking of a block of
+  // W may differ from that of the whole: double rounding of sums of up to 512 terms.
+  struct Shape {
+    Eigen::Index d_out, d_in, r, n;
+  };
+  for (const Shape& s : {Shape{512, 512, 4, 512}, Shape{4096, 64, 16, 64}}) {
+    const Mat<double> W = random_matrix<double>(s.d_out, s.d_in, 1);
+    const Vec<double> b = random_vector<double>(s.d_out, 2);
+    const Mat<double> A = random_matrix<double>(s.r, s.d_in, 3, 0.3), B = random_matrix<double>(s.d_out, s.r, 4, 0.3);
+    const Mat<double> x = random_matrix<double>(s.n, s.d_in, 5), dy = random_matrix<double>(s.n, s.d_out, 6);
+    dora::AdapterConfig c;
+    c.rank = s.r;
+    c.norm_gradient = dora::NormGradient::exact;
+    struct Result {
+      Mat<double> y, dx, gA, gB, gm;
+    };
+    const auto step = [&](int threads, bool dora_mode) {
+#ifdef _OPENMP
+      omp_set_num_threads(threads);
+#else
+      (void)threads;
+#endif
+      Result out;
+      if (dora_mode) {
+        dora::DoraLinear<double> layer(dora::borrow(W, b), c, A, B);
+        out.y = layer.forward(x);
+        out.dx = layer.backward(dy);
+        out.gA = layer.grad_lora_A();
+        out.gB = layer.grad_lora_B();
+        out.gm = layer.grad_magnitude();
+      } else {
+        dora::LoraLinear<double> layer(dora::borrow(W, b), c, A, B);
+        out.y = layer.forward(x);
+        out.dx = layer.backward(dy);
+        out.gA = layer.grad_lora_A();
+        out.gB = layer.grad_lora_B();
+        out.gm = Mat<double>::Zero(1, 1);
+      }
+      return out;
+    };
+#ifdef _OPENMP
+    const int saved = omp_get_max_threads();
+#endif
+    for (bool dora_mode : {false, true}) {
+      const Result one = step(1, dora_mode), three = step(3, dora_mode);
+      const double e = std::max({rel_err(three.y, one.y), rel_err(three.dx, one.dx), rel_err(three.gA, one.gA),
+                                 rel_err(three.gB, one.gB), rel_err(three.gm, one.gm)});
+      std::printf("training step %ld/%ld/%ld/%ld %s: 3 threads vs 1, largest relative difference %.2e\n",
+                  static_cast<long>(s.d_out), static_cast<long>(s.d_in), static_cast<long>(s.r), static_cast<long>(s.n),
+                  dora_mode ? "DoRA exact" : "LoRA", e);
+      CHECK(e <= 1e-13);
+    }
+#ifdef _OPENMP
+    omp_set_num_threads(saved);
+#endif
+  }
 }

@@ -103,7 +103,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
     const Index N = this->batch_;
     H_.resize(N + r, this->base_.d_out());
     if (stacked_ != 0) {
-      H_.noalias() = this->xd_ * W.transpose();
+      split_product(this->xd_, W, H_);
     } else {
       // Evaluation: the same product as infer() (split over W's rows at small n), bit for bit.
       this->base_product(this->xd_.topRows(N), H_.topRows(N));
@@ -112,12 +112,16 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
     this->add_up_product(this->u_, h());
     const VectorType& g = this->g_;
     if (!this->dropout_applied_) {
-      // One pass for the compose and the bias.
-      if (this->base_.has_bias()) {
-        for (Index t = 0; t < N; ++t) y.row(t) = H_.row(t).cwiseProduct(g.transpose()) + this->base_.bias.transpose();
-      } else {
-        for (Index t = 0; t < N; ++t) y.row(t) = H_.row(t).cwiseProduct(g.transpose());
-      }
+      // One pass for the compose and the bias, rows spread over threads.
+      const bool bias = this->base_.has_bias();
+      parallel_rows(N, y.cols(), [&](Index begin, Index end) {
+        for (Index t = begin; t < end; ++t) {
+          if (bias)
+            y.row(t) = H_.row(t).cwiseProduct(g.transpose()) + this->base_.bias.transpose();
+          else
+            y.row(t) = H_.row(t).cwiseProduct(g.transpose());
+        }
+      });
     } else {
       // y = x W^T + s u B^T + (g - 1) hd: the base product of the undropped x is needed too.
       this->base_product(x, y);
@@ -136,11 +140,15 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
     u.noalias() = x * this->A_.transpose();
     this->base_product(x, y);
     this->add_up_product(u, y);
-    if (this->base_.has_bias()) {
-      for (Index t = 0; t < N; ++t) y.row(t) = y.row(t).cwiseProduct(g.transpose()) + this->base_.bias.transpose();
-    } else {
-      for (Index t = 0; t < N; ++t) y.row(t) = y.row(t).cwiseProduct(g.transpose());
-    }
+    const bool bias = this->base_.has_bias();
+    parallel_rows(N, y.cols(), [&](Index begin, Index end) {
+      for (Index t = begin; t < end; ++t) {
+        if (bias)
+          y.row(t) = y.row(t).cwiseProduct(g.transpose()) + this->base_.bias.transpose();
+        else
+          y.row(t) = y.row(t).cwiseProduct(g.transpose());
+      }
+    });
   }
 
   // The saved h = xd V^T: the top rows of the stacked product.
@@ -153,7 +161,9 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
     const bool exact = this->config_.norm_gradient == NormGradient::exact;
     this->accumulate_magnitude_grad(G, h());
     // h is no longer needed: it becomes Gg = G diag(g), so DoRA keeps one N x d_out buffer, not two.
-    for (Index t = 0; t < N; ++t) H_.row(t) = G.row(t).cwiseProduct(this->g_.transpose());
+    parallel_rows(N, H_.cols(), [&](Index begin, Index end) {
+      for (Index t = begin; t < end; ++t) H_.row(t) = G.row(t).cwiseProduct(this->g_.transpose());
+    });
     this->accumulate_B(h());
     this->accumulate_A(h());
     // With the exact gradient, dA gains s (diag(beta) B)^T W: stacked under Gg, one product
@@ -175,7 +185,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
     if (dx != nullptr) {
       if (!this->dropout_applied_) {
         if (stack) {
-          this->xd_.noalias() = H_ * W;  // xd is no longer needed: (N + r) x d_in
+          split_adjoint_product(H_, W, this->xd_);  // xd is no longer needed: (N + r) x d_in
           *dx = this->xd();
           this->grad_A_ += this->xd_.bottomRows(r);
         } else {

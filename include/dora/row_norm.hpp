@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "base_layer.hpp"
+#include "detail/parallel.hpp"
 
 namespace dora {
 
@@ -70,9 +71,8 @@ template <typename Scalar>
 class FactoredRowNorm {
  public:
   void resize(Eigen::Index d_out, Eigen::Index d_in, Eigen::Index rank) {
-    (void)d_out;
     K_.resize(rank, rank);
-    t_.resize(1, rank);
+    BK_.resize(d_out, rank);
     v_.resize(1, d_in);
   }
 
@@ -88,37 +88,43 @@ class FactoredRowNorm {
 
   /// Norms from a P^T = A W^T (r x d_out) that the caller computed, e.g. stacked under x W^T so
   /// that W is read once. w_sq: ||W_i||^2 for every row (precomputed). Keeps K = A A^T for the
-  /// exact gradient. Returns how many rows needed the direct computation.
+  /// exact gradient, and B K. Returns how many rows needed the direct computation.
   template <typename WeightMap, typename PTMatrix>
   Eigen::Index compute_with(const WeightMap& W, const Vector<Scalar>& w_sq, const Matrix<Scalar>& A,
                             const Matrix<Scalar>& B, Scalar s, const Eigen::MatrixBase<PTMatrix>& PT,
                             Vector<Scalar>& n) {
     K_.noalias() = A * A.transpose();
-    Eigen::Index direct = 0;
+    BK_.resize(B.rows(), B.cols());
+    BK_.noalias() = B * K_;
     const Scalar tiny = std::numeric_limits<Scalar>::min() / std::numeric_limits<Scalar>::epsilon();
-    for (Eigen::Index i = 0; i < W.rows(); ++i) {
-      const Scalar cross = Scalar(2) * s * B.row(i).dot(PT.col(i).transpose());
-      t_.noalias() = B.row(i) * K_;  // (B K)_i, one row at a time: no d_out x r buffer
-      const Scalar quad = s * s * t_.dot(B.row(i));
-      const Scalar n2 = w_sq[i] + cross + quad;
-      // Sum of magnitudes: the rounding error of n2 is a few ulps of this.
-      const Scalar mag = w_sq[i] + std::abs(cross) + quad;
-      if (std::isfinite(mag) && mag >= tiny && n2 >= mag * kCancellation) {
-        n[i] = std::sqrt(n2);
-      } else {
-        v_.noalias() = W.row(i);
-        v_.noalias() += s * B.row(i) * A;
-        n[i] = v_.stableNorm();  // scaled: no overflow/underflow in the squares; NaN propagates
-        ++direct;
+    // Rows are independent: spread over threads; a row that needs the direct computation is marked
+    // with -1 (no norm is negative) and done afterwards, one d_in-vector each.
+    parallel_rows(W.rows(), 4 * B.cols(), [&](Eigen::Index begin, Eigen::Index end) {
+      for (Eigen::Index i = begin; i < end; ++i) {
+        const Scalar cross = Scalar(2) * s * B.row(i).dot(PT.col(i).transpose());
+        const Scalar quad = s * s * BK_.row(i).dot(B.row(i));
+        const Scalar n2 = w_sq[i] + cross + quad;
+        // Sum of magnitudes: the rounding error of n2 is a few ulps of this.
+        const Scalar mag = w_sq[i] + std::abs(cross) + quad;
+        n[i] = std::isfinite(mag) && mag >= tiny && n2 >= mag * kCancellation ? std::sqrt(n2) : Scalar(-1);
       }
+    });
+    Eigen::Index direct = 0;
+    for (Eigen::Index i = 0; i < W.rows(); ++i) {
+      if (!(n[i] < Scalar(0))) continue;
+      v_.noalias() = W.row(i);
+      v_.noalias() += s * B.row(i) * A;
+      n[i] = v_.stableNorm();  // scaled: no overflow/underflow in the squares; NaN propagates
+      ++direct;
     }
     return direct;
   }
 
   /// P^T = A W^T from the last compute() (not compute_with()).
   const Matrix<Scalar>& PT() const { return PT_; }
-  /// K = A A^T from the last computation.
+  /// K = A A^T and B K (d_out x r) from the last computation.
   const Matrix<Scalar>& K() const { return K_; }
+  const Matrix<Scalar>& BK() const { return BK_; }
 
   /// Rows whose n_i^2 fell below this fraction of the sum of magnitudes of its three terms
   /// are recomputed directly: the factored value then keeps at least 1/kCancellation of its
@@ -126,8 +132,8 @@ class FactoredRowNorm {
   static constexpr Scalar kCancellation = Scalar(0.125);
 
  private:
-  Matrix<Scalar> PT_, K_;
-  Eigen::Matrix<Scalar, 1, Eigen::Dynamic> t_, v_;
+  Matrix<Scalar> PT_, K_, BK_;
+  Eigen::Matrix<Scalar, 1, Eigen::Dynamic> v_;
 };
 
 }  // namespace detail

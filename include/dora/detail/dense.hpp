@@ -104,7 +104,7 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
   template <typename DG, typename DX>
   void base_adjoint(const Eigen::MatrixBase<DG>& G, DX&& dX) const {
     if (this->groups_ == 1) {
-      dX.noalias() = G * base_.weight;
+      split_adjoint_product(G, base_.weight, dX);
       return;
     }
     const Index o = base_.d_out() / this->groups_, c = base_.d_in();

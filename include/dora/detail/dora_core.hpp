@@ -110,7 +110,6 @@ class DoraMagnitude {
     g_.resize(d_out);
     dm_.resize(d_out);
     beta_n_.resize(d_out);
-    t_.resize(1, r);
     Kb_.resize(r, r);
     grad_m_ = VectorType::Zero(d_out);
     refresh_base();
@@ -169,12 +168,17 @@ class DoraMagnitude {
     }
   }
 
-  /// dm_i = sum_t G_ti h_ti / n_i, added to grad_m, with h = xd V^T the saved branch output.
+  /// dm_i = sum_t G_ti h_ti / n_i, added to grad_m, with h = xd V^T the saved branch output
+  /// (columns spread over threads).
   template <typename DG, typename DH>
   void accumulate_magnitude_grad(const Eigen::MatrixBase<DG>& G, const Eigen::MatrixBase<DH>& h) {
-    dm_.noalias() = G.cwiseProduct(h).colwise().sum().transpose();
-    dm_.array() /= n_div_.array();
-    grad_m_ += dm_;
+    parallel_rows(dm_.size(), G.rows(), [&](Index begin, Index end) {
+      const Index size = end - begin;
+      dm_.segment(begin, size).noalias() =
+          G.middleCols(begin, size).cwiseProduct(h.middleCols(begin, size)).colwise().sum().transpose();
+      dm_.segment(begin, size).array() /= n_div_.segment(begin, size).array();
+      grad_m_.segment(begin, size) += dm_.segment(begin, size);
+    });
   }
 
   // The norm's share of dA and dB (exact mode), with beta_i = -g_i dm_i / n_i = dL/dn_i / n_i:
@@ -190,14 +194,14 @@ class DoraMagnitude {
     const Scalar s = self().scaling();
     const MatrixType& B = self().lora_B();
     Eigen::Ref<MatrixType> grad_B = derived().grad_lora_B();
+    const MatrixType& BK = norm_.BK();  // B K from the norm (same B)
     beta_n_ = -(g_.array() * dm_.array()).matrix();
-    for (Index i = 0; i < n_.size(); ++i) {
-      // (P + s B K)_i one row at a time: no d_out x r buffer.
-      t_.noalias() = B.row(i) * norm_.K();
-      t_ = (s * t_ + PT.col(i).transpose()) / n_div_[i];
-      grad_B.row(i) += (s * beta_n_[i]) * t_;
-      PT.col(i) = (s * beta_n_[i]) * (B.row(i).transpose() / n_div_[i]);
-    }
+    parallel_rows(n_.size(), 4 * B.cols(), [&](Index begin, Index end) {
+      for (Index i = begin; i < end; ++i) {
+        grad_B.row(i) += (s * beta_n_[i]) * ((s * BK.row(i) + PT.col(i).transpose()) / n_div_[i]);
+        PT.col(i) = (s * beta_n_[i]) * (B.row(i).transpose() / n_div_[i]);
+      }
+    });
     Eigen::Ref<MatrixType> grad_A = derived().grad_lora_A();
     if (add_weight_term) grad_A.noalias() += PT * self().lowered_weight();
     Kb_.noalias() = PT * B;  // s (diag(beta) B)^T B
@@ -219,11 +223,10 @@ class DoraMagnitude {
       const NormChunk& chunk = chunks_[static_cast<std::size_t>(c)];
       Qc_ = chunk.norm.PT();
       // The same row terms as accumulate_norm_gradient(), for the rows o = c + j G.
+      const MatrixType& BK = chunk.norm.BK();
       for (Index j = 0; j < rows; ++j) {
         const Index o = c + j * G;
-        t_.noalias() = Bp_.row(j) * chunk.norm.K();
-        t_ = (s * t_ + Qc_.col(j).transpose()) / n_div_[o];
-        grad_Bp.row(j) += (s * beta_n_[o]) * t_;
+        grad_Bp.row(j) += (s * beta_n_[o]) * ((s * BK.row(j) + Qc_.col(j).transpose()) / n_div_[o]);
         Qc_.col(j) = (s * beta_n_[o]) * (Bp_.row(j).transpose() / n_div_[o]);
       }
       grad_A.middleCols(c * cin, cin).noalias() += Qc_ * chunk_weight(c);
@@ -290,7 +293,6 @@ class DoraMagnitude {
   detail::FactoredRowNorm<Scalar> norm_;
   VectorType n_, n_div_, g_, dm_, beta_n_;
   MatrixType Kb_;
-  Eigen::Matrix<Scalar, 1, Eigen::Dynamic> t_;
   Index rows_recomputed_ = 0;
   // Evaluation-mode cache of n and g: valid for exactly these parameter values.
   bool cache_valid_ = false;
