@@ -3,6 +3,8 @@
 // methods: base lora dora doraexact doradense (default: all): one step = forward + backward (dx and
 // all adapter gradients); basefwd lorainfer dorainfer: one evaluation forward (the frozen layer
 // alone; LoRA and DoRA in evaluation mode with DoRA's cached norm: the output of infer()).
+// base / basefwd use the layers' own products (detail/parallel.hpp, split over threads by the
+// layer); baseeigen is the same step with Eigen's products and Eigen's threading.
 // For each, one warm-up, then <repetitions> timed runs, fp32; prints one JSON line per method
 // with the median and minimum in milliseconds. Threads: OMP_NUM_THREADS.
 
@@ -63,6 +65,12 @@ int main(int argc, char** argv) {
     std::vector<double> ms;
     if (m == "base") {
       ms = time_steps(reps, [&] {
+        dora::detail::frozen_product(x, W, y);
+        y.rowwise() += bias.transpose();
+        dora::detail::split_adjoint_product(dy, W, dx);
+      });
+    } else if (m == "baseeigen") {
+      ms = time_steps(reps, [&] {
         y.noalias() = x * W.transpose();
         y.rowwise() += bias.transpose();
         dx.noalias() = dy * W;
@@ -82,7 +90,7 @@ int main(int argc, char** argv) {
       });
     } else if (m == "basefwd") {
       ms = time_steps(reps, [&] {
-        y.noalias() = x * W.transpose();
+        dora::detail::frozen_product(x, W, y);
         y.rowwise() += bias.transpose();
       });
     } else if (m == "lorainfer") {

@@ -127,7 +127,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
       this->base_product(x, y);
       this->add_up_product(this->u_, y);
       for (Index t = 0; t < N; ++t) y.row(t).array() += H_.row(t).array() * (g.transpose().array() - Scalar(1));
-      if (this->base_.has_bias()) y.rowwise() += this->base_.bias.transpose();
+      this->add_bias(y);
     }
     this->saved_ = true;
   }
@@ -186,7 +186,9 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
       if (!this->dropout_applied_) {
         if (stack) {
           split_adjoint_product(H_, W, this->xd_);  // xd is no longer needed: (N + r) x d_in
-          *dx = this->xd();
+          parallel_rows(N, dx->cols(), [&](Index begin, Index end) {
+            dx->middleRows(begin, end - begin) = this->xd_.middleRows(begin, end - begin);
+          });
           this->grad_A_ += this->xd_.bottomRows(r);
         } else {
           this->base_adjoint(h(), *dx);

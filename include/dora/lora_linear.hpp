@@ -50,7 +50,7 @@ class DenseLora : public DenseAdapter<Derived, Scalar> {
     this->save_input(x, 0, mask);
     this->base_product(x, y);
     this->add_up_product(this->u_, y);
-    if (this->base_.has_bias()) y.rowwise() += this->base_.bias.transpose();
+    this->add_bias(y);
     this->saved_ = true;
   }
 
@@ -59,7 +59,7 @@ class DenseLora : public DenseAdapter<Derived, Scalar> {
     u.noalias() = x * this->A_.transpose();
     this->base_product(x, y);
     this->add_up_product(u, y);
-    if (this->base_.has_bias()) y.rowwise() += this->base_.bias.transpose();
+    this->add_bias(y);
   }
 
   /// dA, dB from G (N x d_out); dx (lowered, N x d_in) if asked.

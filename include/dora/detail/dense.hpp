@@ -63,10 +63,15 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
         mask_.resize(this->batch_, lowered_cols());
         this->draw_dropout_mask(mask_);
       }
-      xd() = x.cwiseProduct(mask_);
+      parallel_rows(this->batch_, x.cols(), [&](Index begin, Index end) {
+        xd_.middleRows(begin, end - begin) =
+            x.middleRows(begin, end - begin).cwiseProduct(mask_.middleRows(begin, end - begin));
+      });
       dropout_applied_ = true;
     } else {
-      xd() = x;
+      parallel_rows(this->batch_, x.cols(), [&](Index begin, Index end) {
+        xd_.middleRows(begin, end - begin) = x.middleRows(begin, end - begin);
+      });
       dropout_applied_ = false;
     }
     u_.noalias() = xd() * this->A_.transpose();
@@ -111,6 +116,15 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
     for (Index g = 0; g < this->groups_; ++g)
       dX.middleCols(g * c, c).noalias() = G.middleCols(g * o, o) * base_.weight.middleRows(g * o, o);
   }
+  /// y += b (rows spread over threads); nothing without a bias.
+  template <typename DY>
+  void add_bias(DY&& y) const {
+    if (!base_.has_bias()) return;
+    parallel_rows(y.rows(), y.cols(), [&](Index begin, Index end) {
+      y.middleRows(begin, end - begin).rowwise() += base_.bias.transpose();
+    });
+  }
+
   /// Refuses merging a grouped layer: its low-rank path is dense over all inputs (PEFT's lora_A
   /// has groups 1), which no grouped kernel of W's shape can hold; PEFT 0.21 refuses too.
   void check_mergeable() const {

@@ -51,6 +51,16 @@ inline int product_threads(Eigen::Index weight_entries, Eigen::Index extent) {
   return 1;
 }
 
+/// With EIGEN_USE_BLAS (-DDORA_USE_BLAS=ON) Eigen hands the large products to a BLAS that runs its
+/// own threads: splitting them over OpenMP threads too would oversubscribe the cores.
+constexpr bool blas_threads_itself() {
+#ifdef EIGEN_USE_BLAS
+  return true;
+#else
+  return false;
+#endif
+}
+
 /// [begin, end) of part t of [0, extent) cut into `parts` blocks of whole 16-entry groups (a cache
 /// line of floats) as even as that allows.
 inline std::pair<Eigen::Index, Eigen::Index> split_range(Eigen::Index extent, int parts, int t) {
@@ -63,7 +73,7 @@ inline std::pair<Eigen::Index, Eigen::Index> split_range(Eigen::Index extent, in
 /// comment); any N.
 template <typename DX, typename WeightMap, typename DY>
 void split_product(const Eigen::MatrixBase<DX>& X, const WeightMap& W, DY&& Y) {
-  const int threads = product_threads(W.rows() * W.cols(), W.rows());
+  const int threads = blas_threads_itself() ? 1 : product_threads(W.rows() * W.cols(), W.rows());
   if (threads == 1) {
     Y.noalias() = X * W.transpose();
     return;
@@ -80,7 +90,7 @@ void split_product(const Eigen::MatrixBase<DX>& X, const WeightMap& W, DY&& Y) {
 /// dX = G W (dX: N x d_in), overwritten, split over W's columns when threads pay.
 template <typename DG, typename WeightMap, typename DX>
 void split_adjoint_product(const Eigen::MatrixBase<DG>& G, const WeightMap& W, DX&& dX) {
-  const int threads = product_threads(W.rows() * W.cols(), W.cols());
+  const int threads = blas_threads_itself() ? 1 : product_threads(W.rows() * W.cols(), W.cols());
   if (threads == 1) {
     dX.noalias() = G * W;
     return;
