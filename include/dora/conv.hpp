@@ -28,6 +28,7 @@
 ///     holds (PEFT refuses too); forward, backward and the evaluation cache work.
 /// padding_mode other than zeros: not represented (PEFT's lora_A ignores it).
 
+#include <algorithm>
 #include <array>
 
 #include "dora_linear.hpp"
@@ -146,8 +147,10 @@ void im2col(const ConvGeometry& g, const In& x, Matrix<Scalar>& cols) {
   const Index N = x.rows(), L = g.output_volume(), K = g.kernel_volume(), S = g.input_volume();
   cols.resize(N * L, g.patch_size());
   const std::array<Index, 3> o{g.output(0), g.output(1), g.output(2)};
-  for (Index n = 0; n < N; ++n) {
-    for (Index p0 = 0; p0 < o[0]; ++p0)
+  // Every (sample, first output axis) pair writes its own rows: spread over threads.
+  parallel_rows(N * o[0], L / o[0] * g.patch_size(), [&](Index begin, Index end) {
+    for (Index np = begin; np < end; ++np) {
+      const Index n = np / o[0], p0 = np % o[0];
       for (Index p1 = 0; p1 < o[1]; ++p1)
         for (Index p2 = 0; p2 < o[2]; ++p2) {
           Scalar* row = cols.data() + ((n * o[0] + p0) * o[1] * o[2] + p1 * o[2] + p2) * cols.cols();
@@ -168,8 +171,8 @@ void im2col(const ConvGeometry& g, const In& x, Matrix<Scalar>& cols) {
             }
           }
         }
-  }
-  (void)L;
+    }
+  });
 }
 
 /// The adjoint of im2col: dx (N x in*S) = the sum, over the patches, of each patch entry into the
@@ -178,30 +181,33 @@ template <typename Scalar, typename Out>
 void col2im(const ConvGeometry& g, const Matrix<Scalar>& cols, Out& dx) {
   using Index = Eigen::Index;
   const Index N = dx.rows(), K = g.kernel_volume(), S = g.input_volume();
-  dx.setZero();
   const std::array<Index, 3> o{g.output(0), g.output(1), g.output(2)};
-  for (Index n = 0; n < N; ++n) {
-    for (Index p0 = 0; p0 < o[0]; ++p0)
-      for (Index p1 = 0; p1 < o[1]; ++p1)
-        for (Index p2 = 0; p2 < o[2]; ++p2) {
-          const Scalar* row = cols.data() + ((n * o[0] + p0) * o[1] * o[2] + p1 * o[2] + p2) * cols.cols();
-          for (Index c = 0; c < g.in_channels; ++c) {
-            Scalar* xc = dx.data() + n * dx.outerStride() + c * S;
-            Index k = c * K;
-            for (Index k0 = 0; k0 < g.kernel[0]; ++k0) {
-              const Index i0 = p0 * g.stride[0] - g.padding[0] + k0 * g.dilation[0];
-              for (Index k1 = 0; k1 < g.kernel[1]; ++k1) {
-                const Index i1 = p1 * g.stride[1] - g.padding[1] + k1 * g.dilation[1];
-                for (Index k2 = 0; k2 < g.kernel[2]; ++k2, ++k) {
-                  const Index i2 = p2 * g.stride[2] - g.padding[2] + k2 * g.dilation[2];
-                  if (i0 >= 0 && i0 < g.input[0] && i1 >= 0 && i1 < g.input[1] && i2 >= 0 && i2 < g.input[2])
-                    xc[(i0 * g.input[1] + i1) * g.input[2] + i2] += row[k];
+  // Patches of one sample overlap in dx; samples do not: spread over samples.
+  parallel_rows(N, cols.rows() / std::max<Index>(N, 1) * cols.cols(), [&](Index begin, Index end) {
+    for (Index n = begin; n < end; ++n) {
+      dx.row(n).setZero();
+      for (Index p0 = 0; p0 < o[0]; ++p0)
+        for (Index p1 = 0; p1 < o[1]; ++p1)
+          for (Index p2 = 0; p2 < o[2]; ++p2) {
+            const Scalar* row = cols.data() + ((n * o[0] + p0) * o[1] * o[2] + p1 * o[2] + p2) * cols.cols();
+            for (Index c = 0; c < g.in_channels; ++c) {
+              Scalar* xc = dx.data() + n * dx.outerStride() + c * S;
+              Index k = c * K;
+              for (Index k0 = 0; k0 < g.kernel[0]; ++k0) {
+                const Index i0 = p0 * g.stride[0] - g.padding[0] + k0 * g.dilation[0];
+                for (Index k1 = 0; k1 < g.kernel[1]; ++k1) {
+                  const Index i1 = p1 * g.stride[1] - g.padding[1] + k1 * g.dilation[1];
+                  for (Index k2 = 0; k2 < g.kernel[2]; ++k2, ++k) {
+                    const Index i2 = p2 * g.stride[2] - g.padding[2] + k2 * g.dilation[2];
+                    if (i0 >= 0 && i0 < g.input[0] && i1 >= 0 && i1 < g.input[1] && i2 >= 0 && i2 < g.input[2])
+                      xc[(i0 * g.input[1] + i1) * g.input[2] + i2] += row[k];
+                  }
                 }
               }
             }
           }
-        }
-  }
+    }
+  });
 }
 
 /// What LoRA and DoRA convolutions share: unfolding x, folding the output and dx, the dropout mask.
@@ -277,17 +283,21 @@ class ConvAdapter : public Dense<Derived, Scalar> {
   // y[n, o L + l] = Y[n L + l, o]: the lowered rows back into torch's (N, out, positions) layout.
   void fold_output(const MatrixType& Y, Eigen::Ref<MatrixType> y) const {
     const Index L = geometry_.output_volume();
-    for (Index n = 0; n < y.rows(); ++n)
-      for (Index o = 0; o < geometry_.out_channels; ++o)
-        y.row(n).segment(o * L, L) = Y.col(o).segment(n * L, L).transpose();
+    parallel_rows(y.rows(), y.cols(), [&](Index begin, Index end) {
+      for (Index n = begin; n < end; ++n)
+        for (Index o = 0; o < geometry_.out_channels; ++o)
+          y.row(n).segment(o * L, L) = Y.col(o).segment(n * L, L).transpose();
+    });
   }
 
   void backward_impl(const Eigen::Ref<const MatrixType>& dy, Eigen::Ref<MatrixType>* dx) {
     const Index N = conv_batch_, L = geometry_.output_volume();
     dycols_.resize(N * L, geometry_.out_channels);
-    for (Index n = 0; n < N; ++n)
-      for (Index o = 0; o < geometry_.out_channels; ++o)
-        dycols_.col(o).segment(n * L, L) = dy.row(n).segment(o * L, L).transpose();
+    parallel_rows(N, dy.cols(), [&](Index begin, Index end) {
+      for (Index n = begin; n < end; ++n)
+        for (Index o = 0; o < geometry_.out_channels; ++o)
+          dycols_.col(o).segment(n * L, L) = dy.row(n).segment(o * L, L).transpose();
+    });
     if (dx == nullptr) {
       this->backward_lowered(dycols_, nullptr);
       return;
