@@ -11,4 +11,5 @@
 #include "lora_linear.hpp"
 #include "magnitude.hpp"
 #include "row_norm.hpp"
+#include "storage.hpp"
 #include "version.hpp"

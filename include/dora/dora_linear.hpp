@@ -18,9 +18,9 @@ namespace dora {
 namespace detail {
 
 /// DoRA's products on a lowered dense input X (N x d_in); shared by DoraLinear and DoraConv.
-template <typename Derived, typename Scalar>
-class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Derived, Scalar> {
-  using Base = DenseAdapter<Derived, Scalar>;
+template <typename Derived, typename Scalar, typename Storage = Scalar>
+class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagnitude<Derived, Scalar> {
+  using Base = DenseAdapter<Derived, Scalar, Storage>;
   using Magnitude = DoraMagnitude<Derived, Scalar>;
   friend class Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Scalar>>>;
   friend class DoraMagnitude<Derived, Scalar>;
@@ -35,7 +35,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
     this->check_mergeable();
     DoraMerge<Scalar> out;
     this->merge_scales(out);
-    out.weight = this->base_.weight;
+    out.weight = weight_dense<Scalar>(this->base_.weight);
     out.weight.noalias() += this->scaling_ * this->B_ * this->A_;
     out.weight = out.scale.asDiagonal() * out.weight;
     return out;
@@ -65,12 +65,12 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
  protected:
   static constexpr bool kHasInputGradient = true;
 
-  DenseDora(const FactorSpec& spec, const BaseLayer<Scalar>& base, const AdapterConfig& config, Index groups = 1)
+  DenseDora(const FactorSpec& spec, const BaseLayer<Scalar, Storage>& base, const AdapterConfig& config, Index groups = 1)
       : Base(spec, base, config, groups) {
     this->norm_groups_ = groups;
     this->setup_magnitude();
   }
-  DenseDora(const FactorSpec& spec, const BaseLayer<Scalar>& base, const AdapterConfig& config,
+  DenseDora(const FactorSpec& spec, const BaseLayer<Scalar, Storage>& base, const AdapterConfig& config,
             const Eigen::Ref<const MatrixType>& A, const Eigen::Ref<const MatrixType>& B, Index groups = 1)
       : Base(spec, base, config, A, B, groups) {
     this->norm_groups_ = groups;
@@ -80,7 +80,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
   using Magnitude::add_extra_parameters;
   using Magnitude::extra_parameters_match;
   using Magnitude::zero_extra_grad;
-  const typename BaseLayer<Scalar>::WeightMap& lowered_weight() const { return this->base_.weight; }
+  const typename BaseLayer<Scalar, Storage>::WeightMap& lowered_weight() const { return this->base_.weight; }
 
   /// y = (x V^T) diag(g) + b on the lowered input (PEFT's dropout semantics with a mask).
   ///
@@ -99,7 +99,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
     // training and evaluation does not reallocate them.
     this->save_input(x, r, mask);
     if (stacked_ != 0) this->xd_.bottomRows(r) = this->A_;
-    const typename BaseLayer<Scalar>::WeightMap& W = this->base_.weight;
+    const typename BaseLayer<Scalar, Storage>::WeightMap& W = this->base_.weight;
     const Index N = this->batch_;
     H_.resize(N + r, this->base_.d_out());
     if (stacked_ != 0) {
@@ -155,7 +155,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
   typename MatrixType::RowsBlockXpr h() { return H_.topRows(this->batch_); }
 
   void backward_lowered(const Eigen::Ref<const MatrixType>& G, Eigen::Ref<MatrixType>* dx) {
-    const typename BaseLayer<Scalar>::WeightMap& W = this->base_.weight;
+    const typename BaseLayer<Scalar, Storage>::WeightMap& W = this->base_.weight;
     const Index N = this->batch_;
     const Index r = this->rank();
     const bool exact = this->config_.norm_gradient == NormGradient::exact;
@@ -174,7 +174,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
         this->accumulate_norm_gradient(H_.bottomRows(r), !stack);
       } else if (this->groups_ > 1) {
         // The forward computed this norm on its own (or found it cached): its chunks' P^T are kept.
-        this->accumulate_grouped_norm_gradient();
+        if constexpr (Magnitude::groupable()) this->accumulate_grouped_norm_gradient();
       } else {
         // The forward used a cached norm (evaluation mode): P^T is computed here.
         this->compute_norm_alone();
@@ -213,11 +213,12 @@ class DenseDora : public DenseAdapter<Derived, Scalar>, public DoraMagnitude<Der
 
 }  // namespace detail
 
-template <typename Scalar>
-class DoraLinear : public detail::DenseDora<DoraLinear<Scalar>, Scalar> {
-  using Base = detail::DenseDora<DoraLinear<Scalar>, Scalar>;
-  friend class detail::Adapter<DoraLinear<Scalar>, Scalar, Eigen::Ref<const Matrix<Scalar>>>;
-  friend class detail::DoraMagnitude<DoraLinear<Scalar>, Scalar>;
+/// Storage: how W is stored (Scalar, or bfloat16 / float16 / BlockQ8_0: storage.hpp).
+template <typename Scalar, typename Storage = Scalar>
+class DoraLinear : public detail::DenseDora<DoraLinear<Scalar, Storage>, Scalar, Storage> {
+  using Base = detail::DenseDora<DoraLinear<Scalar, Storage>, Scalar, Storage>;
+  friend class detail::Adapter<DoraLinear<Scalar, Storage>, Scalar, Eigen::Ref<const Matrix<Scalar>>>;
+  friend class detail::DoraMagnitude<DoraLinear<Scalar, Storage>, Scalar>;
 
  public:
   using MatrixType = Matrix<Scalar>;
@@ -228,9 +229,9 @@ class DoraLinear : public detail::DenseDora<DoraLinear<Scalar>, Scalar> {
   using Base::infer;
 
   /// A as config.init says, B = 0, m = ||W_i|| (so the layer starts equal to the base layer).
-  DoraLinear(const BaseLayer<Scalar>& base, const AdapterConfig& config) : Base(detail::kLinearFactors, base, config) {}
+  DoraLinear(const BaseLayer<Scalar, Storage>& base, const AdapterConfig& config) : Base(detail::kLinearFactors, base, config) {}
   /// Starts from the given A and B; m = row norms of W + s B A (PEFT's magnitude initialisation).
-  DoraLinear(const BaseLayer<Scalar>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
+  DoraLinear(const BaseLayer<Scalar, Storage>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
              const Eigen::Ref<const MatrixType>& B)
       : Base(detail::kLinearFactors, base, config, A, B) {}
 

@@ -10,9 +10,9 @@ namespace dora {
 namespace detail {
 
 /// LoRA's products on a lowered dense input X (N x d_in); shared by LoraLinear and LoraConv.
-template <typename Derived, typename Scalar>
-class DenseLora : public DenseAdapter<Derived, Scalar> {
-  using Base = DenseAdapter<Derived, Scalar>;
+template <typename Derived, typename Scalar, typename Storage = Scalar>
+class DenseLora : public DenseAdapter<Derived, Scalar, Storage> {
+  using Base = DenseAdapter<Derived, Scalar, Storage>;
 
  public:
   using MatrixType = Matrix<Scalar>;
@@ -21,7 +21,7 @@ class DenseLora : public DenseAdapter<Derived, Scalar> {
   /// W' = W + s B A (PEFT merge), lowered (d_out x d_in); the bias is unchanged.
   MatrixType merged_weight() const {
     this->check_mergeable();
-    MatrixType merged = this->base_.weight;
+    MatrixType merged = weight_dense<Scalar>(this->base_.weight);
     merged.noalias() += this->scaling_ * this->B_ * this->A_;
     return merged;
   }
@@ -82,10 +82,11 @@ class DenseLora : public DenseAdapter<Derived, Scalar> {
 
 }  // namespace detail
 
-template <typename Scalar>
-class LoraLinear : public detail::DenseLora<LoraLinear<Scalar>, Scalar> {
-  using Base = detail::DenseLora<LoraLinear<Scalar>, Scalar>;
-  friend class detail::Adapter<LoraLinear<Scalar>, Scalar, Eigen::Ref<const Matrix<Scalar>>>;
+/// Storage: how W is stored (Scalar, or bfloat16 / float16 / BlockQ8_0: storage.hpp).
+template <typename Scalar, typename Storage = Scalar>
+class LoraLinear : public detail::DenseLora<LoraLinear<Scalar, Storage>, Scalar, Storage> {
+  using Base = detail::DenseLora<LoraLinear<Scalar, Storage>, Scalar, Storage>;
+  friend class detail::Adapter<LoraLinear<Scalar, Storage>, Scalar, Eigen::Ref<const Matrix<Scalar>>>;
 
  public:
   using MatrixType = Matrix<Scalar>;
@@ -96,9 +97,9 @@ class LoraLinear : public detail::DenseLora<LoraLinear<Scalar>, Scalar> {
   using Base::infer;
 
   /// Initialises A as config.init says and B = 0. Borrows base (see BaseLayer's lifetime rule).
-  LoraLinear(const BaseLayer<Scalar>& base, const AdapterConfig& config) : Base(detail::kLinearFactors, base, config) {}
+  LoraLinear(const BaseLayer<Scalar, Storage>& base, const AdapterConfig& config) : Base(detail::kLinearFactors, base, config) {}
   /// Starts from the given A (r x d_in) and B (d_out x r); config.init is ignored.
-  LoraLinear(const BaseLayer<Scalar>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
+  LoraLinear(const BaseLayer<Scalar, Storage>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
              const Eigen::Ref<const MatrixType>& B)
       : Base(detail::kLinearFactors, base, config, A, B) {}
 

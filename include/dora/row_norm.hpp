@@ -17,6 +17,7 @@
 
 #include "base_layer.hpp"
 #include "detail/parallel.hpp"
+#include "detail/stored_product.hpp"
 
 namespace dora {
 
@@ -82,7 +83,7 @@ class FactoredRowNorm {
   Eigen::Index compute(const WeightMap& W, const Vector<Scalar>& w_sq, const Matrix<Scalar>& A, const Matrix<Scalar>& B,
                        Scalar s, Vector<Scalar>& n) {
     PT_.resize(A.rows(), W.rows());
-    PT_.noalias() = A * W.transpose();
+    detail::weight_product(A, W, PT_);
     return compute_with(W, w_sq, A, B, s, PT_, n);
   }
 
@@ -112,7 +113,7 @@ class FactoredRowNorm {
     Eigen::Index direct = 0;
     for (Eigen::Index i = 0; i < W.rows(); ++i) {
       if (!(n[i] < Scalar(0))) continue;
-      v_.noalias() = W.row(i);
+      detail::weight_row(W, i, v_);
       v_.noalias() += s * B.row(i) * A;
       n[i] = v_.stableNorm();  // scaled: no overflow/underflow in the squares; NaN propagates
       ++direct;

@@ -11,13 +11,14 @@
 
 #include "adapter.hpp"
 #include "parallel.hpp"
+#include "stored_product.hpp"
 
 namespace dora {
 namespace detail {
 
 inline constexpr FactorSpec kLinearFactors{"lora_A", "lora_B", "d_in", "d_out", false, "d_out", "d_in"};
 
-template <typename Derived, typename Scalar>
+template <typename Derived, typename Scalar, typename Storage = Scalar>
 class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Scalar>>> {
   using Base = Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Scalar>>>;
 
@@ -25,13 +26,15 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
   using MatrixType = Matrix<Scalar>;
   using Index = Eigen::Index;
 
+  using BaseType = BaseLayer<Scalar, Storage>;
+
   /// The frozen layer as the adapter sees it (lowered: d_out x d_in).
-  const BaseLayer<Scalar>& base() const { return base_; }
+  const BaseType& base() const { return base_; }
 
  protected:
-  DenseAdapter(const FactorSpec& spec, const BaseLayer<Scalar>& base, const AdapterConfig& config, Index groups = 1)
+  DenseAdapter(const FactorSpec& spec, const BaseType& base, const AdapterConfig& config, Index groups = 1)
       : Base(spec, base.d_in() * groups, base.d_out(), config, groups), base_(base) {}
-  DenseAdapter(const FactorSpec& spec, const BaseLayer<Scalar>& base, const AdapterConfig& config,
+  DenseAdapter(const FactorSpec& spec, const BaseType& base, const AdapterConfig& config,
                const Eigen::Ref<const MatrixType>& A, const Eigen::Ref<const MatrixType>& B, Index groups = 1)
       : Base(spec, base.d_in() * groups, base.d_out(), config, A, B, groups), base_(base) {}
 
@@ -101,9 +104,11 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
       frozen_product(X, base_.weight, Y);
       return;
     }
-    const Index o = base_.d_out() / this->groups_, c = base_.d_in();
-    for (Index g = 0; g < this->groups_; ++g)
-      Y.middleCols(g * o, o).noalias() = X.middleCols(g * c, c) * base_.weight.middleRows(g * o, o).transpose();
+    if constexpr (BaseType::kNative) {  // only convolutions are grouped, and their W is native
+      const Index o = base_.d_out() / this->groups_, c = base_.d_in();
+      for (Index g = 0; g < this->groups_; ++g)
+        Y.middleCols(g * o, o).noalias() = X.middleCols(g * c, c) * base_.weight.middleRows(g * o, o).transpose();
+    }
   }
   /// dX = G W, overwritten (grouped: block g of dX's columns from block g of G's).
   template <typename DG, typename DX>
@@ -112,9 +117,11 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
       split_adjoint_product(G, base_.weight, dX);
       return;
     }
-    const Index o = base_.d_out() / this->groups_, c = base_.d_in();
-    for (Index g = 0; g < this->groups_; ++g)
-      dX.middleCols(g * c, c).noalias() = G.middleCols(g * o, o) * base_.weight.middleRows(g * o, o);
+    if constexpr (BaseType::kNative) {
+      const Index o = base_.d_out() / this->groups_, c = base_.d_in();
+      for (Index g = 0; g < this->groups_; ++g)
+        dX.middleCols(g * c, c).noalias() = G.middleCols(g * o, o) * base_.weight.middleRows(g * o, o);
+    }
   }
   /// y += b (rows spread over threads); nothing without a bias.
   template <typename DY>
@@ -158,7 +165,7 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
           this->scaling_ * Gs.middleCols(g * o, o).transpose() * u_.middleCols(g * q, q);
   }
 
-  BaseLayer<Scalar> base_;
+  BaseType base_;
   bool dropout_applied_ = false;  // whether the saved forward used a mask (the mode may change before backward)
   MatrixType xd_, mask_, u_, du_;
 };

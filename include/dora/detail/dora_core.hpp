@@ -25,6 +25,7 @@
 
 #include "../magnitude.hpp"
 #include "../row_norm.hpp"
+#include "stored_product.hpp"
 
 namespace dora {
 
@@ -60,7 +61,7 @@ class DoraMagnitude {
 
   /// Call after changing the borrowed W (or bias) in place: ||W_i||^2 is cached.
   void refresh_base() {
-    w_sq_ = self().lowered_weight().rowwise().squaredNorm();
+    w_sq_ = weight_row_squared_norms<Scalar>(self().lowered_weight());
     cache_valid_ = false;
   }
 
@@ -203,7 +204,7 @@ class DoraMagnitude {
       }
     });
     Eigen::Ref<MatrixType> grad_A = derived().grad_lora_A();
-    if (add_weight_term) grad_A.noalias() += PT * self().lowered_weight();
+    if (add_weight_term) weight_adjoint_add(PT, self().lowered_weight(), grad_A);
     Kb_.noalias() = PT * B;  // s (diag(beta) B)^T B
     grad_A.noalias() += s * Kb_ * self().lora_A();
   }

@@ -1,0 +1,184 @@
+#pragma once
+/// \file detail/stored_product.hpp
+/// Products with a frozen W, whatever it is stored as. Every use of W by the layers goes through
+/// these functions: for an Eigen view of W (float or double, the layer's own Scalar) they are the
+/// plain Eigen expressions; for a StoredWeight (bf16, f16, Q8_0: storage.hpp) they dequantize W one
+/// tile at a time into a per-thread buffer and multiply the tile, so no dense copy of W exists.
+///
+/// Tiles are kTileRows x kTileCols of W (512 x 512: 1 MB in float). Y = X W^T walks W's rows (output
+/// features) in blocks of kTileRows, the threads taking a block of rows each as split_product does,
+/// and within a block adds the tiles along d_in: Y[:, rows] += X[:, cols] tile^T. dX = G W walks W's
+/// columns, the threads a block of columns each, and adds tiles along d_out. Each W entry is
+/// dequantized once per product. A GEMM repacks its other operand (X, G) for every tile, so the tile
+/// is as large as a per-thread buffer should be; Eigen repacks it per block of W's rows too.
+
+#include <algorithm>
+#include <vector>
+
+#include "../storage.hpp"
+#include "parallel.hpp"
+
+namespace dora {
+namespace detail {
+
+inline constexpr Eigen::Index kTileRows = 512, kTileCols = 512;
+
+/// This thread's tile buffer (at least `entries` long). It only grows, so steady-state calls
+/// allocate nothing; one per thread, so concurrent infer() calls never share it.
+template <typename Scalar>
+Scalar* tile_buffer(Eigen::Index entries) {
+  thread_local std::vector<Scalar> buffer;
+  if (buffer.size() < static_cast<std::size_t>(entries)) buffer.resize(static_cast<std::size_t>(entries));
+  return buffer.data();
+}
+
+/// [begin, end) of part t of [0, extent) in whole multiples of `align`, as even as that allows.
+inline std::pair<Eigen::Index, Eigen::Index> split_aligned(Eigen::Index extent, int parts, int t, Eigen::Index align) {
+  const Eigen::Index per = ((extent + parts - 1) / parts + align - 1) / align * align;
+  const Eigen::Index begin = std::min<Eigen::Index>(extent, static_cast<Eigen::Index>(t) * per);
+  return {begin, std::min<Eigen::Index>(extent, begin + per)};
+}
+
+/// Runs f(begin, end) over [0, extent) split over `threads` threads in aligned blocks.
+template <typename F>
+void for_blocks(Eigen::Index extent, int threads, Eigen::Index align, F&& f) {
+  if (threads == 1) {
+    f(Eigen::Index(0), extent);
+    return;
+  }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int t = 0; t < threads; ++t) {
+    const std::pair<Eigen::Index, Eigen::Index> part = split_aligned(extent, threads, t, align);
+    if (part.second > part.first) f(part.first, part.second);
+  }
+}
+
+/// Threads for a tiled product: as for the layers' split (none under a BLAS that threads itself:
+/// each tile's GEMM is then the BLAS's).
+inline int stored_threads(Eigen::Index entries, Eigen::Index extent) {
+  return blas_threads_itself() ? 1 : product_threads(entries, extent);
+}
+
+/// Y = X W^T (overwritten) for a stored W.
+template <typename DX, typename Storage, typename DY>
+void split_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>& W, DY&& Y) {
+  using Scalar = typename DX::Scalar;
+  using Index = Eigen::Index;
+  const Index d_out = W.rows(), d_in = W.cols();
+  const Index tc = std::min<Index>(kTileCols, d_in);  // a multiple of the block size, or all of d_in
+  for_blocks(d_out, stored_threads(d_out * d_in, d_out), 16, [&](Index begin, Index end) {
+    Scalar* buffer = tile_buffer<Scalar>(kTileRows * tc);
+    for (Index r0 = begin; r0 < end; r0 += kTileRows) {
+      const Index rows = std::min<Index>(kTileRows, end - r0);
+      for (Index c0 = 0; c0 < d_in; c0 += tc) {
+        const Index cols = std::min<Index>(tc, d_in - c0);
+        W.dequantize(r0, rows, c0, cols, buffer, cols);
+        const Eigen::Map<const Matrix<Scalar>> tile(buffer, rows, cols);
+        if (c0 == 0)
+          Y.middleCols(r0, rows).noalias() = X.middleCols(c0, cols) * tile.transpose();
+        else
+          Y.middleCols(r0, rows).noalias() += X.middleCols(c0, cols) * tile.transpose();
+      }
+    }
+  });
+}
+
+/// The evaluation path's Y = X W^T for a stored W: the tiled product at every n (a tile is read
+/// from memory once and reused for all rows of X).
+template <typename DX, typename Storage, typename DY>
+void frozen_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>& W, DY&& Y) {
+  split_product(X, W, Y);
+}
+
+/// dX = G W (accumulate: dX += G W) for a stored W.
+template <typename DG, typename Storage, typename DX>
+void stored_adjoint(const Eigen::MatrixBase<DG>& G, const StoredWeight<Storage>& W, DX&& dX, bool accumulate) {
+  using Scalar = typename DG::Scalar;
+  using Index = Eigen::Index;
+  const Index d_out = W.rows(), d_in = W.cols();
+  const Index align = std::max<Index>(16, StorageTraits<Storage>::block);
+  for_blocks(d_in, stored_threads(d_out * d_in, d_in), align, [&](Index begin, Index end) {
+    Scalar* buffer = tile_buffer<Scalar>(kTileRows * kTileCols);
+    for (Index c0 = begin; c0 < end; c0 += kTileCols) {
+      const Index cols = std::min<Index>(kTileCols, end - c0);
+      for (Index r0 = 0; r0 < d_out; r0 += kTileRows) {
+        const Index rows = std::min<Index>(kTileRows, d_out - r0);
+        W.dequantize(r0, rows, c0, cols, buffer, cols);
+        const Eigen::Map<const Matrix<Scalar>> tile(buffer, rows, cols);
+        if (r0 == 0 && !accumulate)
+          dX.middleCols(c0, cols).noalias() = G.middleCols(r0, rows) * tile;
+        else
+          dX.middleCols(c0, cols).noalias() += G.middleCols(r0, rows) * tile;
+      }
+    }
+  });
+}
+
+template <typename DG, typename Storage, typename DX>
+void split_adjoint_product(const Eigen::MatrixBase<DG>& G, const StoredWeight<Storage>& W, DX&& dX) {
+  stored_adjoint(G, W, dX, false);
+}
+
+// ---- The uses of W by DoRA's norm (dora_core.hpp, row_norm.hpp): Eigen view or stored. ----
+
+/// Y = X W^T (P^T = A W^T for the norm).
+template <typename DX, typename WeightMap, typename DY>
+void weight_product(const Eigen::MatrixBase<DX>& X, const WeightMap& W, DY& Y) {
+  Y.noalias() = X * W.transpose();
+}
+template <typename DX, typename Storage, typename DY>
+void weight_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>& W, DY& Y) {
+  split_product(X, W, Y);
+}
+
+/// dX += G W (the exact gradient's term of dA).
+template <typename DG, typename WeightMap, typename DX>
+void weight_adjoint_add(const Eigen::MatrixBase<DG>& G, const WeightMap& W, DX& dX) {
+  dX.noalias() += G * W;
+}
+template <typename DG, typename Storage, typename DX>
+void weight_adjoint_add(const Eigen::MatrixBase<DG>& G, const StoredWeight<Storage>& W, DX& dX) {
+  stored_adjoint(G, W, dX, true);
+}
+
+/// v = W_i (one row, for a norm computed directly).
+template <typename WeightMap, typename DV>
+void weight_row(const WeightMap& W, Eigen::Index i, DV& v) {
+  v.noalias() = W.row(i);
+}
+template <typename Storage, typename DV>
+void weight_row(const StoredWeight<Storage>& W, Eigen::Index i, DV& v) {
+  W.dequantize(i, 1, 0, W.cols(), v.data(), W.cols());
+}
+
+/// ||W_i||^2 for every row, from the stored values.
+template <typename Scalar, typename WeightMap>
+Vector<Scalar> weight_row_squared_norms(const WeightMap& W) {
+  return W.rowwise().squaredNorm();
+}
+template <typename Scalar, typename Storage>
+Vector<Scalar> weight_row_squared_norms(const StoredWeight<Storage>& W) {
+  Vector<Scalar> out(W.rows());
+  const Eigen::Index d_in = W.cols();
+  parallel_rows(W.rows(), d_in, [&](Eigen::Index begin, Eigen::Index end) {
+    Scalar* row = tile_buffer<Scalar>(d_in);
+    for (Eigen::Index i = begin; i < end; ++i) {
+      W.dequantize(i, 1, 0, d_in, row, d_in);
+      out[i] = Eigen::Map<const Vector<Scalar>>(row, d_in).squaredNorm();
+    }
+  });
+  return out;
+}
+
+/// W as a dense matrix in the compute type (merging only: it is the size of W).
+template <typename Scalar, typename WeightMap>
+Matrix<Scalar> weight_dense(const WeightMap& W) {
+  return W;
+}
+template <typename Scalar, typename Storage>
+Matrix<Scalar> weight_dense(const StoredWeight<Storage>& W) {
+  return dequantize<Scalar>(W);
+}
+
+}  // namespace detail
+}  // namespace dora

@@ -1,0 +1,187 @@
+#pragma once
+/// \file storage.hpp
+/// Frozen weights stored in a narrower type than the layer computes in: bfloat16, float16, or
+/// GGML's 8-bit block format Q8_0. The layer borrows the stored W as it is (a memory-mapped
+/// checkpoint's bf16 tensor, a quantized buffer) and never forms a dense dequantized copy: its
+/// products with W dequantize one tile of rows at a time into a small per-thread buffer
+/// (detail/stored_product.hpp), and ||W_i||^2 is taken once from the stored values.
+///
+/// Q8_0 (GGML's `block_q8_0`, ggml-common.h): each row of W is cut into blocks of 32 consecutive
+/// entries; a block is 34 bytes, an IEEE half scale d followed by 32 signed bytes q, and encodes
+/// w_j = d * q_j. A row of d_in entries is d_in / 32 blocks (d_in must be a multiple of 32), rows
+/// follow each other. Quantizing (quantize_q8_0, GGML's quantize_row_q8_0_ref): per block,
+/// amax = max |w_j|, d = amax / 127, q_j = round(w_j / d) to nearest with ties away from zero
+/// (std::round), 0 when amax = 0; d is then stored rounded to half. So |w_j - d q_j| <=
+/// d / 2 + 127 |d - half(d)| <= amax (1/254 + 2^-11 127/127) per entry.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "detail/check.hpp"
+#include "detail/eigen.hpp"
+
+namespace dora {
+
+using bfloat16 = Eigen::bfloat16;
+using float16 = Eigen::half;
+
+/// One GGML Q8_0 block: 32 weights w_j = d * q_j. Binary layout as GGML's block_q8_0 (34 bytes).
+struct BlockQ8_0 {
+  static constexpr int kSize = 32;
+  float16 d;
+  std::int8_t q[kSize];
+};
+static_assert(sizeof(BlockQ8_0) == 34, "BlockQ8_0 must have GGML's 34-byte layout");
+static_assert(sizeof(bfloat16) == 2 && sizeof(float16) == 2, "Eigen's 16-bit types must be 2 bytes");
+
+namespace detail {
+
+/// What the layers need of a storage format: its name, how many weights one stored element holds
+/// (a block), and dequantizing a run of whole elements into the compute type.
+template <typename Storage>
+struct StorageTraits;
+
+template <>
+struct StorageTraits<bfloat16> {
+  static constexpr const char* name = "bf16";
+  static constexpr Eigen::Index block = 1;
+  template <typename Scalar>
+  static void dequantize(const bfloat16* src, Eigen::Index count, Scalar* dst) {
+    // bf16 is the top half of a float: the widening is a shift, exact. Written on the raw bits so
+    // that the compiler vectorizes it (Eigen's bfloat16 -> float cast is twice as slow here).
+    for (Eigen::Index j = 0; j < count; ++j) {
+      std::uint16_t half;
+      std::memcpy(&half, src + j, sizeof half);
+      const std::uint32_t word = static_cast<std::uint32_t>(half) << 16;
+      float f;
+      std::memcpy(&f, &word, sizeof f);
+      dst[j] = static_cast<Scalar>(f);
+    }
+  }
+};
+
+template <>
+struct StorageTraits<float16> {
+  static constexpr const char* name = "f16";
+  static constexpr Eigen::Index block = 1;
+  template <typename Scalar>
+  static void dequantize(const float16* src, Eigen::Index count, Scalar* dst) {
+    // Exact (every half is a float); Eigen vectorizes it with F16C where the build enables it.
+    Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>(dst, count) =
+        Eigen::Map<const Eigen::Array<float16, Eigen::Dynamic, 1>>(src, count).template cast<float>().template cast<Scalar>();
+  }
+};
+
+template <>
+struct StorageTraits<BlockQ8_0> {
+  static constexpr const char* name = "q8_0";
+  static constexpr Eigen::Index block = BlockQ8_0::kSize;
+  template <typename Scalar>
+  static void dequantize(const BlockQ8_0* src, Eigen::Index blocks, Scalar* dst) {
+    for (Eigen::Index b = 0; b < blocks; ++b) {
+      const Scalar d = static_cast<Scalar>(static_cast<float>(src[b].d));
+      Scalar* out = dst + b * BlockQ8_0::kSize;
+      for (int j = 0; j < BlockQ8_0::kSize; ++j) out[j] = d * static_cast<Scalar>(src[b].q[j]);
+    }
+  }
+};
+
+template <typename Storage>
+constexpr bool is_stored_format() {
+  return std::is_same<Storage, bfloat16>::value || std::is_same<Storage, float16>::value ||
+         std::is_same<Storage, BlockQ8_0>::value;
+}
+
+}  // namespace detail
+
+/// A borrowed d_out x d_in weight in a stored format: row i starts at data + i * row_stride
+/// (row_stride counted in stored elements: values for bf16/f16, blocks for Q8_0).
+template <typename Storage>
+struct StoredWeight {
+  static_assert(detail::is_stored_format<Storage>(), "dora: stored weights are bfloat16, float16 or BlockQ8_0");
+  using Traits = detail::StorageTraits<Storage>;
+
+  StoredWeight(const Storage* data_, Eigen::Index d_out, Eigen::Index d_in, Eigen::Index row_stride_)
+      : data(data_), rows_(d_out), cols_(d_in), row_stride(row_stride_) {
+    DORA_CHECK_ARG(d_out >= 1 && d_in >= 1, "base weight must be non-empty, got ", d_out, " x ", d_in);
+    DORA_CHECK_ARG(data_ != nullptr, "base weight data is null");
+    DORA_CHECK_ARG(d_in % Traits::block == 0, "a ", Traits::name, " weight needs d_in a multiple of ", Traits::block,
+                   " (its block size), got ", d_out, " x ", d_in);
+    DORA_CHECK_ARG(row_stride_ >= d_in / Traits::block, "base weight row stride ", row_stride_, " is less than the ",
+                   d_in / Traits::block, " stored elements of a row (", Traits::name, ", d_in ", d_in, ")");
+  }
+
+  Eigen::Index rows() const { return rows_; }
+  Eigen::Index cols() const { return cols_; }
+  /// Bytes of the stored W (what the checkpoint holds), row padding excluded.
+  std::size_t bytes() const {
+    return static_cast<std::size_t>(rows_) * static_cast<std::size_t>(cols_ / Traits::block) * sizeof(Storage);
+  }
+
+  /// Dequantizes rows [row, row + count) x columns [col, col + cols) into dst (row-major, leading
+  /// dimension ld). col and cols must be multiples of the block size.
+  template <typename Scalar>
+  void dequantize(Eigen::Index row, Eigen::Index count, Eigen::Index col, Eigen::Index cols, Scalar* dst,
+                  Eigen::Index ld) const {
+    for (Eigen::Index i = 0; i < count; ++i)
+      Traits::dequantize(data + (row + i) * row_stride + col / Traits::block, cols / Traits::block, dst + i * ld);
+  }
+
+  const Storage* data;
+
+ private:
+  Eigen::Index rows_, cols_;
+
+ public:
+  Eigen::Index row_stride;
+};
+
+/// Rounds a float (or double) W to bf16 / f16 (round to nearest even, Eigen's conversions).
+template <typename Storage, typename Derived>
+Eigen::Matrix<Storage, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> round_weight(
+    const Eigen::MatrixBase<Derived>& W) {
+  static_assert(std::is_same<Storage, bfloat16>::value || std::is_same<Storage, float16>::value,
+                "dora: round_weight makes bf16 or f16; use quantize_q8_0 for Q8_0");
+  return W.template cast<float>().template cast<Storage>();
+}
+
+/// Quantizes W (d_out x d_in, d_in a multiple of 32) to Q8_0 as GGML's quantize_row_q8_0_ref does
+/// (see the file comment); rows follow each other, d_in / 32 blocks each.
+template <typename Derived>
+std::vector<BlockQ8_0> quantize_q8_0(const Eigen::MatrixBase<Derived>& W) {
+  const Eigen::Index d_out = W.rows(), d_in = W.cols(), per_row = d_in / BlockQ8_0::kSize;
+  DORA_CHECK_ARG(d_in % BlockQ8_0::kSize == 0 && d_in > 0 && d_out > 0,
+                 "quantize_q8_0: W must have a positive multiple of 32 columns, got ", d_out, " x ", d_in);
+  std::vector<BlockQ8_0> out(static_cast<std::size_t>(d_out * per_row));
+  for (Eigen::Index i = 0; i < d_out; ++i) {
+    for (Eigen::Index b = 0; b < per_row; ++b) {
+      float amax = 0.0f;
+      for (int j = 0; j < BlockQ8_0::kSize; ++j) {
+        const float w = static_cast<float>(W(i, b * BlockQ8_0::kSize + j));
+        DORA_CHECK_ARG(std::isfinite(w), "quantize_q8_0: W(", i, ", ", b * BlockQ8_0::kSize + j, ") is not finite");
+        amax = std::max(amax, std::abs(w));
+      }
+      const float d = amax / 127.0f;
+      const float id = d != 0.0f ? 1.0f / d : 0.0f;
+      BlockQ8_0& block = out[static_cast<std::size_t>(i * per_row + b)];
+      block.d = float16(d);
+      for (int j = 0; j < BlockQ8_0::kSize; ++j)
+        block.q[j] = static_cast<std::int8_t>(std::round(static_cast<float>(W(i, b * BlockQ8_0::kSize + j)) * id));
+    }
+  }
+  return out;
+}
+
+/// The dense W a stored weight encodes (tests and merging only: the size of W in Scalar).
+template <typename Scalar, typename Storage>
+Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> dequantize(const StoredWeight<Storage>& W) {
+  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> out(W.rows(), W.cols());
+  W.dequantize(0, W.rows(), 0, W.cols(), out.data(), W.cols());
+  return out;
+}
+
+}  // namespace dora
