@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <functional>
 #include <type_traits>
+#include <vector>
 
 #include "test_support.hpp"
 
@@ -59,6 +60,50 @@ struct LinearFixture {
     template <typename L>
     static L make(const dora::BaseLayer<S>& base, const dora::AdapterConfig& c, const Mat<S>& A, const Mat<S>& B) {
       return L(base, c, A, B);
+    }
+  };
+};
+
+// A Linear layer whose W is stored as bf16 or Q8_0 (storage.hpp): the same contract. W here is
+// the values the stored weight encodes (so every reference computed from W is exact), and the
+// merged layer, being dense, is a plain LoraLinear.
+template <typename Storage>
+std::vector<Storage> stored_values(const Mat<double>& W) {
+  if constexpr (std::is_same<Storage, dora::BlockQ8_0>::value) {
+    return dora::quantize_q8_0(W);
+  } else {
+    const auto rounded = dora::round_weight<Storage>(W);
+    return std::vector<Storage>(rounded.data(), rounded.data() + rounded.size());
+  }
+}
+
+template <typename Storage>
+struct StoredLinearFixture {
+  static constexpr const char* name =
+      std::is_same<Storage, dora::bfloat16>::value ? "linear (bf16 W)" : "linear (q8_0 W)";
+  template <typename S>
+  using Lora = dora::LoraLinear<S, Storage>;
+  template <typename S>
+  using Dora = dora::DoraLinear<S, Storage>;
+  template <typename S>
+  using Plain = dora::LoraLinear<S>;
+  template <typename S>
+  struct For : FixtureDefaults {
+    static constexpr bool has_dropout = true, has_input_grad = true;
+    static constexpr Eigen::Index excluded_A_column = -1, d_out = 7, d_in = 64;  // Q8_0: 2 blocks per row
+    using Input = Mat<S>;
+    std::vector<Storage> stored = stored_values<Storage>(random_matrix<double>(d_out, d_in, 11));
+    Vec<S> b = random_vector<S>(d_out, 12);
+    Mat<S> W = dora::dequantize<S>(base().weight);  // after stored and b, which base() reads
+    Eigen::Index a_cols() const { return d_in; }
+    Eigen::Index b_rows() const { return d_out; }
+    Eigen::Index y_cols() const { return d_out; }
+    Input input(std::uint64_t seed) const { return random_matrix<S>(4, d_in, seed); }
+    Input bad_input() const { return random_matrix<S>(4, 6, 1); }
+    const char* bad_input_message() const { return "x must have d_in = 64 columns, got 4 x 6"; }
+    dora::BaseLayer<S> base_of(const Mat<S>& weight) const { return dora::borrow(weight, b); }
+    dora::BaseLayer<S, Storage> base() const {
+      return dora::borrow<S>(stored.data(), d_out, d_in, b.size() != 0 ? b.data() : nullptr);
     }
   };
 };
@@ -177,13 +222,24 @@ struct GroupedConvFixture {
   };
 };
 
+// The layer that plays the merged weight: the family's LoRA layer, unless it names another (a
+// stored W merges into a dense one).
+template <typename Family, typename S, typename = void>
+struct PlainOf {
+  using type = typename Family::template Lora<S>;
+};
+template <typename Family, typename S>
+struct PlainOf<Family, S, std::void_t<typename Family::template Plain<S>>> {
+  using type = typename Family::template Plain<S>;
+};
+
 // One test type: a family, LoRA or DoRA, a scalar.
 template <typename Family, bool IsDora, typename S>
 struct Entry {
   using Scalar = S;
   using Fixture = typename Family::template For<S>;
   using Layer = std::conditional_t<IsDora, typename Family::template Dora<S>, typename Family::template Lora<S>>;
-  using Plain = typename Family::template Lora<S>;
+  using Plain = typename PlainOf<Family, S>::type;
   static constexpr bool kDora = IsDora;
   static const char* name() {
     static const std::string n = std::string(IsDora ? "dora " : "lora ") + Family::name +
@@ -327,10 +383,14 @@ void finite_differences(dora::NormGradient mode, double dropout, const char* lab
 // is compiled twice (tests/CMakeLists.txt), each binary taking half of the families, so the two
 // halves build in parallel: DORA_CONTRACT_PART 1 or 2 (and all families if it is not set).
 #if !defined(DORA_CONTRACT_PART) || DORA_CONTRACT_PART == 1
-#define DORA_CONTRACT_LAYERS_1 DORA_CONTRACT_FAMILY(LinearFixture), DORA_CONTRACT_FAMILY(EmbeddingFixture)
+#define DORA_CONTRACT_LAYERS_1                                                 \
+  DORA_CONTRACT_FAMILY(LinearFixture), DORA_CONTRACT_FAMILY(EmbeddingFixture), \
+      DORA_CONTRACT_FAMILY(StoredLinearFixture<dora::bfloat16>)
 #endif
 #if !defined(DORA_CONTRACT_PART) || DORA_CONTRACT_PART == 2
-#define DORA_CONTRACT_LAYERS_2 DORA_CONTRACT_FAMILY(ConvFixture), DORA_CONTRACT_FAMILY(GroupedConvFixture)
+#define DORA_CONTRACT_LAYERS_2                                                 \
+  DORA_CONTRACT_FAMILY(ConvFixture), DORA_CONTRACT_FAMILY(GroupedConvFixture), \
+      DORA_CONTRACT_FAMILY(StoredLinearFixture<dora::BlockQ8_0>)
 #endif
 #if !defined(DORA_CONTRACT_PART)
 #define DORA_CONTRACT_LAYERS DORA_CONTRACT_LAYERS_1, DORA_CONTRACT_LAYERS_2

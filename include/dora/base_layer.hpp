@@ -34,8 +34,9 @@ struct BaseLayer {
                 "dora: W is stored as the layer's Scalar, bfloat16, float16 or BlockQ8_0");
   /// Whether W is stored as Scalar (an Eigen map) rather than in a narrower format.
   static constexpr bool kNative = std::is_same<Scalar, Storage>::value;
-  using WeightMap = std::conditional_t<kNative, Eigen::Map<const Matrix<Scalar>, Eigen::Unaligned, Eigen::OuterStride<>>,
-                                       StoredWeight<Storage>>;
+  using WeightMap =
+      std::conditional_t<kNative, Eigen::Map<const Matrix<Scalar>, Eigen::Unaligned, Eigen::OuterStride<>>,
+                         StoredWeight<Storage>>;
   using BiasMap = Eigen::Map<const Vector<Scalar>>;
 
   /// View of d_out x d_in row-major data with the given row stride (in stored elements: values, or
@@ -113,7 +114,8 @@ BaseLayer<Scalar, Storage> borrow(const Storage* weight, Eigen::Index d_out, Eig
 }
 /// Borrow a bf16 or f16 Eigen matrix (e.g. from dora::round_weight), with or without a bias.
 template <typename Scalar, typename Storage, typename = std::enable_if_t<detail::is_stored_format<Storage>()>>
-BaseLayer<Scalar, Storage> borrow(const Eigen::Matrix<Storage, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>& weight) {
+BaseLayer<Scalar, Storage> borrow(
+    const Eigen::Matrix<Storage, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>& weight) {
   return BaseLayer<Scalar, Storage>(weight.data(), weight.rows(), weight.cols(), weight.cols(), nullptr);
 }
 template <typename Scalar, typename Storage, typename = std::enable_if_t<detail::is_stored_format<Storage>()>>
@@ -130,10 +132,11 @@ BaseLayer<Scalar, Storage> borrow(Eigen::Matrix<Storage, Eigen::Dynamic, Eigen::
 template <typename Scalar>
 BaseLayer<Scalar, BlockQ8_0> borrow_q8_0(const std::vector<BlockQ8_0>& blocks, Eigen::Index d_out, Eigen::Index d_in,
                                          const Scalar* bias = nullptr) {
-  DORA_CHECK_ARG(d_in % BlockQ8_0::kSize == 0 && static_cast<std::size_t>(d_out) * static_cast<std::size_t>(d_in /
-                                                     BlockQ8_0::kSize) == blocks.size(),
-                 "a Q8_0 weight of ", d_out, " x ", d_in, " needs ", d_out, " x ", d_in / BlockQ8_0::kSize,
-                 " blocks (d_in a multiple of 32), got ", blocks.size(), " blocks");
+  DORA_CHECK_ARG(
+      d_in % BlockQ8_0::kSize == 0 &&
+          static_cast<std::size_t>(d_out) * static_cast<std::size_t>(d_in / BlockQ8_0::kSize) == blocks.size(),
+      "a Q8_0 weight of ", d_out, " x ", d_in, " needs ", d_out, " x ", d_in / BlockQ8_0::kSize,
+      " blocks (d_in a multiple of 32), got ", blocks.size(), " blocks");
   return BaseLayer<Scalar, BlockQ8_0>(blocks.data(), d_out, d_in, d_in / BlockQ8_0::kSize, bias);
 }
 template <typename Scalar>

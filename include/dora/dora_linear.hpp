@@ -65,7 +65,8 @@ class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagn
  protected:
   static constexpr bool kHasInputGradient = true;
 
-  DenseDora(const FactorSpec& spec, const BaseLayer<Scalar, Storage>& base, const AdapterConfig& config, Index groups = 1)
+  DenseDora(const FactorSpec& spec, const BaseLayer<Scalar, Storage>& base, const AdapterConfig& config,
+            Index groups = 1)
       : Base(spec, base, config, groups) {
     this->norm_groups_ = groups;
     this->setup_magnitude();
@@ -229,7 +230,8 @@ class DoraLinear : public detail::DenseDora<DoraLinear<Scalar, Storage>, Scalar,
   using Base::infer;
 
   /// A as config.init says, B = 0, m = ||W_i|| (so the layer starts equal to the base layer).
-  DoraLinear(const BaseLayer<Scalar, Storage>& base, const AdapterConfig& config) : Base(detail::kLinearFactors, base, config) {}
+  DoraLinear(const BaseLayer<Scalar, Storage>& base, const AdapterConfig& config)
+      : Base(detail::kLinearFactors, base, config) {}
   /// Starts from the given A and B; m = row norms of W + s B A (PEFT's magnitude initialisation).
   DoraLinear(const BaseLayer<Scalar, Storage>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
              const Eigen::Ref<const MatrixType>& B)

@@ -97,7 +97,8 @@ class LoraLinear : public detail::DenseLora<LoraLinear<Scalar, Storage>, Scalar,
   using Base::infer;
 
   /// Initialises A as config.init says and B = 0. Borrows base (see BaseLayer's lifetime rule).
-  LoraLinear(const BaseLayer<Scalar, Storage>& base, const AdapterConfig& config) : Base(detail::kLinearFactors, base, config) {}
+  LoraLinear(const BaseLayer<Scalar, Storage>& base, const AdapterConfig& config)
+      : Base(detail::kLinearFactors, base, config) {}
   /// Starts from the given A (r x d_in) and B (d_out x r); config.init is ignored.
   LoraLinear(const BaseLayer<Scalar, Storage>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
              const Eigen::Ref<const MatrixType>& B)

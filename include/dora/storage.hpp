@@ -72,7 +72,9 @@ struct StorageTraits<float16> {
   static void dequantize(const float16* src, Eigen::Index count, Scalar* dst) {
     // Exact (every half is a float); Eigen vectorizes it with F16C where the build enables it.
     Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>(dst, count) =
-        Eigen::Map<const Eigen::Array<float16, Eigen::Dynamic, 1>>(src, count).template cast<float>().template cast<Scalar>();
+        Eigen::Map<const Eigen::Array<float16, Eigen::Dynamic, 1>>(src, count)
+            .template cast<float>()
+            .template cast<Scalar>();
   }
 };
 
