@@ -1,0 +1,247 @@
+// Frozen weights stored as bf16, f16 or Q8_0 (include/dora/storage.hpp):
+//   - rounding to bf16 / f16 and quantizing to Q8_0 against implementations written here from the
+//     formats' definitions (not from the library's code), and Q8_0's stated error bound;
+//   - the tiled products and a whole LoRA / DoRA Linear layer (forward, backward, evaluation,
+//     infer, merge) against the same layer on the dense W that the stored weight encodes, at sizes
+//     with several tiles, partial tiles and several threads;
+//   - the DoRA norm in float on a stored W against a double-precision dense computation, within
+//     the factored norm's bound (dequantization is exact in float, so the bound is float's);
+//   - errors that name what was wrong.
+// The contract suite (test_contract.cpp) runs finite differences and the rest of the contract on
+// a bf16 and a Q8_0 Linear.
+
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "test_support.hpp"
+
+using namespace dora_test;
+
+namespace {
+
+// Rounds x to `bits` significant bits, to nearest with ties to even, with subnormals below
+// 2^min_exp (the IEEE definition, in double where every step is exact).
+double round_significant(double x, int bits, int min_exp) {
+  if (x == 0.0) return x;
+  int e = 0;
+  std::frexp(x, &e);  // x = f 2^e, 0.5 <= |f| < 1
+  const int ulp_exp = std::max(e - bits, min_exp - bits + 1);
+  const double ulp = std::ldexp(1.0, ulp_exp);
+  return std::nearbyint(x / ulp) * ulp;  // the default rounding mode: to nearest, ties to even
+}
+double reference_bf16(double x) { return round_significant(x, 8, -126); }
+double reference_f16(double x) { return round_significant(x, 11, -14); }
+
+// GGML's quantize_row_q8_0_ref as its definition reads, written out per block here.
+struct ReferenceBlock {
+  double d;  // the scale after rounding to half
+  int q[32];
+};
+std::vector<ReferenceBlock> reference_q8_0(const Mat<float>& W) {
+  std::vector<ReferenceBlock> out;
+  for (Eigen::Index i = 0; i < W.rows(); ++i)
+    for (Eigen::Index b = 0; b < W.cols() / 32; ++b) {
+      ReferenceBlock block{};
+      float amax = 0.0f;
+      for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(W(i, b * 32 + j)));
+      const float d = amax / 127.0f;
+      const float id = d != 0.0f ? 1.0f / d : 0.0f;
+      for (int j = 0; j < 32; ++j) block.q[j] = static_cast<int>(std::lround(W(i, b * 32 + j) * id));
+      block.d = reference_f16(d);
+      out.push_back(block);
+    }
+  return out;
+}
+
+template <typename Storage>
+std::vector<Storage> store(const Mat<float>& W) {
+  if constexpr (std::is_same<Storage, dora::BlockQ8_0>::value) {
+    return dora::quantize_q8_0(W);
+  } else {
+    const auto rounded = dora::round_weight<Storage>(W);
+    return std::vector<Storage>(rounded.data(), rounded.data() + rounded.size());
+  }
+}
+
+template <typename Storage>
+const char* storage_name() {
+  return dora::detail::StorageTraits<Storage>::name;
+}
+
+}  // namespace
+
+TEST_CASE("bf16 and f16 rounding match the IEEE definition", "[storage]") {
+  // Normal, subnormal (for f16), ties and large values.
+  Mat<float> W = random_matrix<float>(16, 64, 1, 3.0);
+  W(0, 0) = 1.0f + std::ldexp(1.0f, -8);      // a bf16 tie: rounds to even (1.0)
+  W(0, 1) = 1.0f + 3 * std::ldexp(1.0f, -8);  // a bf16 tie: rounds up to even
+  W(0, 2) = 3e-6f;                            // an f16 subnormal
+  W(0, 3) = -60000.0f;
+  W(0, 4) = 1.0f + std::ldexp(1.0f, -11);  // an f16 tie
+  const auto b = dora::round_weight<dora::bfloat16>(W);
+  const auto h = dora::round_weight<dora::float16>(W);
+  double max_b = 0, max_h = 0;
+  for (Eigen::Index k = 0; k < W.size(); ++k) {
+    max_b =
+        std::max(max_b, std::abs(static_cast<double>(static_cast<float>(b.data()[k])) - reference_bf16(W.data()[k])));
+    max_h =
+        std::max(max_h, std::abs(static_cast<double>(static_cast<float>(h.data()[k])) - reference_f16(W.data()[k])));
+  }
+  // What the layers read back (the library's own widening, not Eigen's conversion).
+  const Mat<double> back_b = dora::dequantize<double>(dora::borrow<double>(b).weight);
+  const Mat<double> back_h = dora::dequantize<double>(dora::borrow<double>(h).weight);
+  for (Eigen::Index k = 0; k < W.size(); ++k) {
+    max_b = std::max(max_b, std::abs(back_b.data()[k] - reference_bf16(W.data()[k])));
+    max_h = std::max(max_h, std::abs(back_h.data()[k] - reference_f16(W.data()[k])));
+  }
+  std::printf("storage: bf16 rounding vs definition max |diff| %.3g, f16 %.3g\n", max_b, max_h);
+  CHECK(max_b == 0.0);
+  CHECK(max_h == 0.0);
+  CHECK(static_cast<float>(b(0, 0)) == 1.0f);
+  CHECK(static_cast<float>(b(0, 1)) == 1.0f + std::ldexp(1.0f, -6));
+}
+
+TEST_CASE("Q8_0 quantization matches GGML's definition and its error bound", "[storage]") {
+  Mat<float> W = random_matrix<float>(9, 96, 2);
+  W.row(3).segment(32, 32).setZero();  // an all-zero block: d = 0, q = 0
+  W(4, 7) = 0.0f;
+  const std::vector<dora::BlockQ8_0> q = dora::quantize_q8_0(W);
+  const std::vector<ReferenceBlock> ref = reference_q8_0(W);
+  REQUIRE(q.size() == ref.size());
+  REQUIRE(q.size() == 9 * 3);
+  int q_mismatch = 0, d_mismatch = 0;
+  for (std::size_t k = 0; k < q.size(); ++k) {
+    if (static_cast<double>(static_cast<float>(q[k].d)) != ref[k].d) ++d_mismatch;
+    for (int j = 0; j < 32; ++j)
+      if (q[k].q[j] != ref[k].q[j]) ++q_mismatch;
+  }
+  std::printf("storage: Q8_0 vs definition: %d scale and %d value mismatches of %zu blocks\n", d_mismatch, q_mismatch,
+              q.size());
+  CHECK(d_mismatch == 0);
+  CHECK(q_mismatch == 0);
+  // The block's largest entry maps to +-127; the zero block stays zero.
+  CHECK(std::abs(static_cast<int>(q[0].q[0])) <= 127);
+  CHECK(static_cast<float>(q[3 * 3 + 1].d) == 0.0f);
+  // The stated bound: |w - d q| <= amax (1/254 + 2^-11) per entry (storage.hpp).
+  const auto base = dora::borrow_q8_0<double>(q, 9, 96);
+  const Mat<double> Wq = dora::dequantize<double>(base.weight);
+  double worst = 0.0;
+  for (Eigen::Index i = 0; i < 9; ++i)
+    for (Eigen::Index b = 0; b < 3; ++b) {
+      const double amax = W.row(i).segment(b * 32, 32).cwiseAbs().maxCoeff();
+      if (amax == 0.0) continue;
+      const double err =
+          (Wq.row(i).segment(b * 32, 32) - W.row(i).segment(b * 32, 32).cast<double>()).cwiseAbs().maxCoeff();
+      worst = std::max(worst, err / amax);
+    }
+  std::printf("storage: Q8_0 worst |w - d q| / amax %.4g (bound %.4g)\n", worst, 1.0 / 254 + std::ldexp(1.0, -11));
+  CHECK(worst <= 1.0 / 254 + std::ldexp(1.0, -11));
+  CHECK(worst > 1e-3);  // the bound is not vacuous here
+}
+
+TEMPLATE_TEST_CASE("A Linear layer on a stored W equals the layer on the W it encodes", "[storage]", dora::bfloat16,
+                   dora::float16, dora::BlockQ8_0) {
+  using Storage = TestType;
+  // Several row and column tiles (512 x 512), partial ones, and enough W for the threaded split.
+  const Eigen::Index d_out = 600, d_in = 1088, r = 8;
+  const Mat<float> W0 = random_matrix<float>(d_out, d_in, 3, 0.05);
+  const std::vector<Storage> stored = store<Storage>(W0);
+  for (Eigen::Index N : {Eigen::Index(1), Eigen::Index(9)}) {
+    const auto check = [&](auto scalar_tag, double tol) {
+      using S = decltype(scalar_tag);
+      const Vec<S> b = random_vector<S>(d_out, 4);
+      const dora::BaseLayer<S, Storage> sbase = dora::borrow<S>(stored.data(), d_out, d_in, b.data());
+      const Mat<S> W = dora::dequantize<S>(sbase.weight);
+      const Mat<S> A = random_matrix<S>(r, d_in, 5, 0.05), B = random_matrix<S>(d_out, r, 6, 0.05);
+      const Mat<S> x = random_matrix<S>(N, d_in, 7), dy = random_matrix<S>(N, d_out, 8);
+      dora::AdapterConfig c;
+      c.rank = r;
+      c.alpha = 16;
+      c.norm_gradient = dora::NormGradient::exact;
+      dora::DoraLinear<S, Storage> dora_s(sbase, c, A, B);
+      dora::DoraLinear<S> dora_d(dora::borrow(W, b), c, A, B);
+      dora::LoraLinear<S, Storage> lora_s(sbase, c, A, B);
+      dora::LoraLinear<S> lora_d(dora::borrow(W, b), c, A, B);
+      double worst = 0.0;
+      const auto cmp = [&](const char* what, const auto& got, const auto& want) {
+        const double e = rel_err(got, want);
+        INFO(storage_name<Storage>() << " N " << N << " " << what << " relative error " << e);
+        CHECK(e <= tol);
+        worst = std::max(worst, e);
+      };
+      cmp("dora magnitude", dora_s.magnitude(), dora_d.magnitude());
+      cmp("dora y", dora_s.forward(x), dora_d.forward(x));
+      cmp("dora dx", dora_s.backward(dy), dora_d.backward(dy));
+      cmp("dora dA", dora_s.grad_lora_A(), dora_d.grad_lora_A());
+      cmp("dora dB", dora_s.grad_lora_B(), dora_d.grad_lora_B());
+      cmp("dora dm", dora_s.grad_magnitude(), dora_d.grad_magnitude());
+      cmp("lora y", lora_s.forward(x), lora_d.forward(x));
+      cmp("lora dx", lora_s.backward(dy), lora_d.backward(dy));
+      cmp("lora dA", lora_s.grad_lora_A(), lora_d.grad_lora_A());
+      dora_s.prepare_inference();
+      dora_d.prepare_inference();
+      cmp("dora eval y", dora_s.forward(x), dora_d.forward(x));
+      Mat<S> y(N, d_out), u;
+      dora_s.infer(x, y, u);
+      cmp("dora infer", y, dora_d.forward(x));
+      cmp("dora merge", dora_s.merge().weight, dora_d.merge().weight);
+      cmp("lora merge", lora_s.merged_weight(), lora_d.merged_weight());
+      std::printf("storage: %-4s W, %-6s compute, N %2ld: worst relative error vs the dense layer %.2e\n",
+                  storage_name<Storage>(), std::is_same<S, float>::value ? "float" : "double", static_cast<long>(N),
+                  worst);
+    };
+    check(float{}, 1e-5);
+    check(double{}, 1e-13);
+  }
+}
+
+TEST_CASE("DoRA's norm on a stored W, in float, within the factored norm's bound of a double dense norm", "[storage]") {
+  const Eigen::Index d_out = 256, d_in = 768, r = 16;
+  const Mat<float> W0 = random_matrix<float>(d_out, d_in, 9, 0.02);
+  const std::vector<dora::bfloat16> wb = store<dora::bfloat16>(W0);
+  const std::vector<dora::BlockQ8_0> wq = store<dora::BlockQ8_0>(W0);
+  const Mat<float> A = random_matrix<float>(r, d_in, 10, 0.05), B = random_matrix<float>(d_out, r, 11, 0.05);
+  dora::AdapterConfig c;
+  c.rank = r;
+  c.alpha = 32;
+  const auto measure = [&](const auto& base, const char* name) {
+    using Storage = std::decay_t<decltype(*base.weight.data)>;
+    dora::DoraLinear<float, Storage> layer(base, c, A, B);
+    const Mat<double> Wd = dora::dequantize<double>(base.weight);
+    const Vec<double> dense =
+        dora::row_norm_dense(Wd, Mat<double>(A.cast<double>()), Mat<double>(B.cast<double>()), 2.0);
+    const Vec<double> got = layer.compute_row_norm().template cast<double>();
+    const double err = ((got - dense).array() / dense.array()).abs().maxCoeff();
+    const double bound = 8.0 * static_cast<double>(d_in + r) * std::numeric_limits<float>::epsilon();
+    std::printf(
+        "storage: DoRA norm, %s W, float: max relative error %.2e vs a double dense norm (bound 8 (d_in + r) "
+        "eps = %.2e)\n",
+        name, err, bound);
+    CHECK(err <= bound);
+  };
+  measure(dora::borrow<float>(wb.data(), d_out, d_in), "bf16");
+  measure(dora::borrow_q8_0<float>(wq, d_out, d_in), "q8_0");
+}
+
+TEST_CASE("Stored weights: errors name what was wrong", "[storage]") {
+  const Mat<float> W = random_matrix<float>(4, 40, 12);
+  CHECK_THROWS_WITH(dora::quantize_q8_0(W), Catch::Contains("multiple of 32 columns, got 4 x 40"));
+  Mat<float> bad = random_matrix<float>(2, 32, 13);
+  bad(1, 5) = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_WITH(dora::quantize_q8_0(bad), Catch::Contains("W(1, 5) is not finite"));
+  const std::vector<dora::BlockQ8_0> q = dora::quantize_q8_0(random_matrix<float>(4, 64, 14));
+  CHECK_THROWS_WITH(dora::borrow_q8_0<float>(q, 4, 96), Catch::Contains("needs 4 x 3 blocks"));
+  CHECK_THROWS_WITH(dora::borrow<float>(q.data(), 4, 48), Catch::Contains("q8_0 weight needs d_in a multiple of 32"));
+  const auto wb = dora::round_weight<dora::bfloat16>(random_matrix<float>(4, 8, 15));
+  const Vec<float> bias = Vec<float>::Zero(5);
+  CHECK_THROWS_WITH(dora::borrow<float>(wb, bias), Catch::Contains("bias has 5 entries but W has d_out = 4"));
+  // A stored W with the wrong d_in for the adapter: the layer's own message.
+  dora::AdapterConfig c;
+  c.rank = 2;
+  dora::DoraLinear<float, dora::bfloat16> layer(dora::borrow<float>(wb), c);
+  CHECK_THROWS_WITH(layer.forward(random_matrix<float>(3, 9, 16)), Catch::Contains("x must have d_in = 8 columns"));
+}
