@@ -179,6 +179,14 @@ TEMPLATE_TEST_CASE("A Linear layer on a stored W equals the layer on the W it en
       cmp("dora dA", dora_s.grad_lora_A(), dora_d.grad_lora_A());
       cmp("dora dB", dora_s.grad_lora_B(), dora_d.grad_lora_B());
       cmp("dora dm", dora_s.grad_magnitude(), dora_d.grad_magnitude());
+      // Without dx the exact gradient's W term is its own product (not stacked under Gg).
+      dora_s.zero_grad();
+      dora_d.zero_grad();
+      dora_s.forward(x);
+      dora_d.forward(x);
+      dora_s.backward_parameters(dy);
+      dora_d.backward_parameters(dy);
+      cmp("dora dA (no dx)", dora_s.grad_lora_A(), dora_d.grad_lora_A());
       cmp("lora y", lora_s.forward(x), lora_d.forward(x));
       cmp("lora dx", lora_s.backward(dy), lora_d.backward(dy));
       cmp("lora dA", lora_s.grad_lora_A(), lora_d.grad_lora_A());

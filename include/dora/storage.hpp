@@ -98,6 +98,15 @@ constexpr bool is_stored_format() {
          std::is_same<Storage, BlockQ8_0>::value;
 }
 
+/// Weights per stored element: 32 for Q8_0, else 1 (also for W stored as the compute type).
+template <typename Storage>
+constexpr Eigen::Index storage_block() {
+  if constexpr (is_stored_format<Storage>())
+    return StorageTraits<Storage>::block;
+  else
+    return 1;
+}
+
 }  // namespace detail
 
 /// A borrowed d_out x d_in weight in a stored format: row i starts at data + i * row_stride
