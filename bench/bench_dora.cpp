@@ -3,13 +3,15 @@
 // gradient), Forward = forward only (also at n = 1; ForwardDoraEval: evaluation mode, cached norm).
 // With --benchmark_repetitions each gets a "spread" statistic (max / min time over repetitions)
 // and DoRA a rows_recomputed counter. Base is the frozen layer alone (x W^T forward, dy W backward).
-// fp32. Threads: OMP_NUM_THREADS (Eigen's OpenMP products). Compare methods by their ratio within
-// one run; the machine is shared and noisy, so use --benchmark_repetitions and the medians.
+// fp32 compute; W stored as float, or (names ending _bf16, _f16, _q8) as bf16, f16 or Q8_0. Threads: OMP_NUM_THREADS
+// (Eigen's OpenMP products). Compare methods by their ratio within one run; the machine is shared and noisy, so use
+// --benchmark_repetitions and the medians.
 
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <dora/dora.hpp>
+#include <type_traits>
 #include <vector>
 
 #include "../tests/support/dense_dora.hpp"
@@ -128,6 +130,70 @@ void BM_ForwardDoraExact(benchmark::State& st) { dora_impl(st, Pass::Forward, do
 void BM_ForwardDoraDense(benchmark::State& st) { dense_impl(st, Pass::Forward); }
 void BM_ForwardDoraEval(benchmark::State& st) { dora_impl(st, Pass::Forward, dora::NormGradient::detached, true); }
 
+// The frozen W stored as bf16, f16 or Q8_0 (storage.hpp; the layer computes in float and
+// dequantizes tiles of W). Names: BM_<Pass><Method>_<dtype>/...; compare with the same method's
+// float-base benchmark in the same run.
+template <typename Storage>
+struct StoredW {
+  std::vector<Storage> values;
+  explicit StoredW(const Mat& W) {
+    if constexpr (std::is_same<Storage, dora::BlockQ8_0>::value) {
+      values = dora::quantize_q8_0(W);
+    } else {
+      const auto rounded = dora::round_weight<Storage>(W);
+      values.assign(rounded.data(), rounded.data() + rounded.size());
+    }
+  }
+  dora::BaseLayer<S, Storage> base(const Problem& p) const {
+    return dora::borrow<S>(values.data(), p.d_out, p.d_in, p.bias.data());
+  }
+};
+
+enum class Method { Base, Lora, Dora, DoraExact, DoraEval };
+
+template <typename Storage>
+void stored_impl(benchmark::State& st, Pass pass, Method method) {
+  Problem p(st);
+  const StoredW<Storage> stored(p.W);
+  p.W.resize(0, 0);  // only the stored W is read
+  const dora::BaseLayer<S, Storage> base = stored.base(p);
+  if (method == Method::Base) {
+    for (auto _ : st) {
+      dora::detail::frozen_product(p.x, base.weight, p.y);
+      p.y.rowwise() += p.bias.transpose();
+      if (pass == Pass::Step) dora::detail::split_adjoint_product(p.dy, base.weight, p.dx);
+      benchmark::DoNotOptimize(p.y.data());
+      benchmark::DoNotOptimize(p.dx.data());
+      benchmark::ClobberMemory();
+    }
+    finish(st, flops(st, pass, 0, false));
+  } else if (method == Method::Lora) {
+    dora::LoraLinear<S, Storage> layer(base, p.config, p.A, p.B);
+    run(st, layer, p, pass);
+    finish(st, flops(st, pass, 0, true));
+  } else {
+    p.config.norm_gradient = method == Method::DoraExact ? dora::NormGradient::exact : dora::NormGradient::detached;
+    dora::DoraLinear<S, Storage> layer(base, p.config, p.A, p.B);
+    if (method == Method::DoraEval) layer.eval();
+    run(st, layer, p, pass);
+    st.counters["rows_recomputed"] = static_cast<double>(layer.rows_recomputed());
+    const int norm_products =
+        method == Method::DoraEval ? 0 : (method == Method::DoraExact && pass == Pass::Step ? 2 : 1);
+    finish(st, flops(st, pass, norm_products, true));
+  }
+  st.counters["weight_bytes"] = static_cast<double>(base.weight_bytes());
+}
+
+#define DORA_STORED_BENCHMARKS(dtype, Storage)                                                                     \
+  void BM_StepBase_##dtype(benchmark::State& st) { stored_impl<Storage>(st, Pass::Step, Method::Base); }           \
+  void BM_StepLora_##dtype(benchmark::State& st) { stored_impl<Storage>(st, Pass::Step, Method::Lora); }           \
+  void BM_StepDora_##dtype(benchmark::State& st) { stored_impl<Storage>(st, Pass::Step, Method::Dora); }           \
+  void BM_StepDoraExact_##dtype(benchmark::State& st) { stored_impl<Storage>(st, Pass::Step, Method::DoraExact); } \
+  void BM_ForwardDoraEval_##dtype(benchmark::State& st) { stored_impl<Storage>(st, Pass::Forward, Method::DoraEval); }
+DORA_STORED_BENCHMARKS(bf16, dora::bfloat16)
+DORA_STORED_BENCHMARKS(f16, dora::float16)
+DORA_STORED_BENCHMARKS(q8, dora::BlockQ8_0)
+
 // Row norm alone: factored (one d_out x d_in x r product, W read once) vs dense (the same
 // product written into a d_out x d_in matrix, then read again for the norms).
 void BM_RowNormFactored(benchmark::State& st) {
@@ -183,6 +249,16 @@ void forward_shapes(benchmark::internal::Benchmark* b) {
   shapes(b);
   b->Args({4096, 4096, 16, 1})->Args({11008, 4096, 64, 1});
 }
+// Stored bases (issue 12's shapes): steps at n = 512, evaluation also at n = 1.
+void stored_shapes(benchmark::internal::Benchmark* b) {
+  b->Args({4096, 4096, 16, 512})->Args({11008, 4096, 64, 512});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+  spread(b);
+}
+void stored_forward_shapes(benchmark::internal::Benchmark* b) {
+  stored_shapes(b);
+  b->Args({4096, 4096, 16, 1});
+}
 void norm_shapes(benchmark::internal::Benchmark* b) {
   b->Args({4096, 4096, 16})->Args({11008, 4096, 64})->Args({1024, 1024, 8});
   b->Unit(benchmark::kMillisecond)->UseRealTime();
@@ -202,6 +278,15 @@ BENCHMARK(BM_ForwardDoraExact)->Apply(forward_shapes);
 BENCHMARK(BM_ForwardDoraDense)->Apply(forward_shapes);
 BENCHMARK(BM_ForwardDoraEval)->Apply(forward_shapes);
 BENCHMARK(BM_RowNormFactored)->Apply(norm_shapes);
+#define DORA_REGISTER_STORED(dtype)                          \
+  BENCHMARK(BM_StepBase_##dtype)->Apply(stored_shapes);      \
+  BENCHMARK(BM_StepLora_##dtype)->Apply(stored_shapes);      \
+  BENCHMARK(BM_StepDora_##dtype)->Apply(stored_shapes);      \
+  BENCHMARK(BM_StepDoraExact_##dtype)->Apply(stored_shapes); \
+  BENCHMARK(BM_ForwardDoraEval_##dtype)->Apply(stored_forward_shapes);
+DORA_REGISTER_STORED(bf16)
+DORA_REGISTER_STORED(f16)
+DORA_REGISTER_STORED(q8)
 BENCHMARK(BM_RowNormDense)->Apply(norm_shapes);
 
 BENCHMARK_MAIN();
