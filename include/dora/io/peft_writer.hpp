@@ -38,14 +38,15 @@ class PeftAdapterWriter {
 
   void set_base_model_name_or_path(std::string name) { base_model_ = std::move(name); }
 
-  /// `path` is the module's name in the base model (its weight is `<path>.weight`).
-  template <typename Scalar>
-  void add(const std::string& path, const LoraLinear<Scalar>& layer) {
+  /// `path` is the module's name in the base model (its weight is `<path>.weight`). The adapter
+  /// does not depend on how W is stored (float, bf16, f16, Q8_0).
+  template <typename Scalar, typename Storage>
+  void add(const std::string& path, const LoraLinear<Scalar, Storage>& layer) {
     add_entry(path, layer.config(), false, layer.lora_A().template cast<double>(),
               layer.lora_B().template cast<double>(), Eigen::VectorXd());
   }
-  template <typename Scalar>
-  void add(const std::string& path, const DoraLinear<Scalar>& layer) {
+  template <typename Scalar, typename Storage>
+  void add(const std::string& path, const DoraLinear<Scalar, Storage>& layer) {
     add_entry(path, layer.config(), true, layer.lora_A().template cast<double>(),
               layer.lora_B().template cast<double>(), layer.magnitude().template cast<double>());
   }
