@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+# Issue 12: see run_device_storage.sh. Prints a markdown table of ms and ratios to the f32 base.
+import json, os, subprocess, sys
+
+out = sys.argv[1] if len(sys.argv) > 1 else "bench-out"
+DTYPES = ["f32", "bf16", "f16", "q8"]
+SHAPES = [(4096, 4096, 16, 512), (11008, 4096, 64, 512)]
+STEP = ["base", "lora", "dora", "doraexact"]
+
+def drv(t, s, reps, methods, dtype):
+    env = dict(os.environ, OMP_NUM_THREADS=str(t))
+    o = subprocess.run(["/tmp/step_driver", *map(str, s), str(reps), *methods, "--base-dtype", dtype], env=env,
+                       check=True, capture_output=True, text=True).stdout
+    return {j["method"]: j["median_ms"] for j in map(json.loads, [l for l in o.splitlines() if l.startswith("{")])}
+
+rows = []
+for t in [16, 1]:
+    rounds, reps = (3, 5) if t == 16 else (2, 3)
+    for s in SHAPES + [(4096, 4096, 16, 1)]:
+        methods = STEP if s[3] > 1 else ["basefwd", "dorainfer"]
+        row = {"threads": t, "shape": "/".join(map(str, s))}
+        for _ in range(rounds):
+            for dt in DTYPES:
+                for k, v in drv(t, s, reps, methods, dt).items():
+                    row[f"{dt}:{k}"] = min(row.get(f"{dt}:{k}", 1e30), v)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+mem = []
+for t in [1, 16]:
+    for dt in DTYPES:
+        for m in ["lora", "dora"]:
+            env = dict(os.environ, OMP_NUM_THREADS=str(t))
+            o = subprocess.run(["/tmp/dora_memory", m, "11008", "4096", "64", "512", "--base-dtype", dt], env=env,
+                               check=True, capture_output=True, text=True).stdout
+            kv = dict(tok.split("=") for tok in o.split() if "=" in tok)
+            kv["threads"] = t
+            mem.append(kv)
+            print(json.dumps(kv), flush=True)
+with open(os.path.join(out, "storage_issue12.json"), "w") as f:
+    json.dump({"steps": rows, "memory": mem}, f)
+
+print("\n| shape | thr | method | f32 | bf16 | f16 | q8 | bf16/f32 | f16/f32 | q8/f32 |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    for m in (STEP if not r["shape"].endswith("/1") else ["basefwd", "dorainfer"]):
+        v = [r[f"{d}:{m}"] for d in DTYPES]
+        print(f"| {r['shape']} | {r['threads']} | {m} | " + " | ".join(f"{x:.2f}" for x in v) + " | " +
+              " | ".join(f"{x / v[0]:.3f}" for x in v[1:]) + " |")
+print("\n| threads | dtype | method | weight_bytes | peak_rss_bytes | peak - W | (peak - W) - f32's (peak - W), / f32 W bytes |")
+print("|---|---|---|---|---|---|---|")
+ref = {(k["threads"], k["method"]): int(k["peak_rss_bytes"]) - int(k["weight_bytes"]) for k in mem if k["base_dtype"] == "f32"}
+for k in mem:
+    extra = int(k["peak_rss_bytes"]) - int(k["weight_bytes"])
+    print(f"| {k['threads']} | {k['base_dtype']} | {k['method']} | {k['weight_bytes']} | {k['peak_rss_bytes']} | {extra} | "
+          f"{(extra - ref[(k['threads'], k['method'])]) / int(k['float_weight_bytes']):+.4f} |")
