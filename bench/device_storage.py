@@ -2,9 +2,16 @@
 # Issue 12: see run_device_storage.sh. Prints a markdown table of ms and ratios to the f32 base.
 import json, os, subprocess, sys
 
-out = sys.argv[1] if len(sys.argv) > 1 else "bench-out"
+import argparse
+ap = argparse.ArgumentParser()
+ap.add_argument("out", nargs="?", default="bench-out")
+ap.add_argument("--threads", type=int, nargs="+", default=[16, 1])
+ap.add_argument("--shapes", nargs="+", default=["4096/4096/16/512", "11008/4096/64/512", "4096/4096/16/1"])
+ap.add_argument("--rounds", type=int, default=0, help="rounds per row (default 3 at 16 threads, 2 at 1)")
+ap.add_argument("--no-memory", action="store_true")
+args = ap.parse_args()
+out = args.out
 DTYPES = ["f32", "bf16", "f16", "q8"]
-SHAPES = [(4096, 4096, 16, 512), (11008, 4096, 64, 512)]
 STEP = ["base", "lora", "dora", "doraexact"]
 
 def drv(t, s, reps, methods, dtype):
@@ -14,9 +21,10 @@ def drv(t, s, reps, methods, dtype):
     return {j["method"]: j["median_ms"] for j in map(json.loads, [l for l in o.splitlines() if l.startswith("{")])}
 
 rows = []
-for t in [16, 1]:
+for t in args.threads:
     rounds, reps = (3, 5) if t == 16 else (2, 3)
-    for s in SHAPES + [(4096, 4096, 16, 1)]:
+    rounds = args.rounds or rounds
+    for s in [tuple(map(int, x.split("/"))) for x in args.shapes]:
         methods = STEP if s[3] > 1 else ["basefwd", "dorainfer"]
         row = {"threads": t, "shape": "/".join(map(str, s))}
         for _ in range(rounds):
@@ -27,7 +35,7 @@ for t in [16, 1]:
         print(json.dumps(row), flush=True)
 
 mem = []
-for t in [1, 16]:
+for t in ([] if args.no_memory else [1, 16]):
     for dt in DTYPES:
         for m in ["lora", "dora"]:
             env = dict(os.environ, OMP_NUM_THREADS=str(t))
@@ -37,7 +45,7 @@ for t in [1, 16]:
             kv["threads"] = t
             mem.append(kv)
             print(json.dumps(kv), flush=True)
-with open(os.path.join(out, "storage_issue12.json"), "w") as f:
+with open(os.path.join(out, "storage_issue12%s.json" % ("" if not args.no_memory else "_rerun")), "w") as f:
     json.dump({"steps": rows, "memory": mem}, f)
 
 print("\n| shape | thr | method | f32 | bf16 | f16 | q8 | bf16/f32 | f16/f32 | q8/f32 |")

@@ -12,4 +12,5 @@ flags=(-O3 -march=native -fopenmp -DNDEBUG -std=c++17 -Iinclude -I.device-carry)
 g++ "${flags[@]}" bench/step_driver.cpp -o /tmp/step_driver &
 g++ "${flags[@]}" bench/memory.cpp -o /tmp/dora_memory &
 wait
-PYTHONUNBUFFERED=1 python3 bench/device_storage.py "$out" | tee "$out/storage_issue12.txt"
+# Extra arguments go to device_storage.py (e.g. --threads 1 --shapes 11008/4096/64/512 --rounds 3 --no-memory).
+PYTHONUNBUFFERED=1 python3 bench/device_storage.py "$out" "$@" | tee "$out/storage_issue12${1:+_rerun}.txt"

@@ -235,6 +235,30 @@ TEST_CASE("DoRA's norm on a stored W, in float, within the factored norm's bound
   measure(dora::borrow_q8_0<float>(wq, d_out, d_in), "q8_0");
 }
 
+TEST_CASE("A row whose direction cancels is recomputed from the stored values", "[storage]") {
+  // V_0 = W_0 + s B_0 A = 1e-4 W_0: the factored n_0^2 cancels, so row 0 takes the direct path,
+  // which reads W_0 from the stored weight.
+  const Eigen::Index d_out = 8, d_in = 64, r = 2;
+  const std::vector<dora::bfloat16> stored = store<dora::bfloat16>(random_matrix<float>(d_out, d_in, 17));
+  const dora::BaseLayer<double, dora::bfloat16> base = dora::borrow<double>(stored.data(), d_out, d_in);
+  const Mat<double> W = dora::dequantize<double>(base.weight);
+  dora::AdapterConfig c;
+  c.rank = r;
+  c.alpha = 2;  // s = 1
+  Mat<double> A = random_matrix<double>(r, d_in, 18, 0.1), B = random_matrix<double>(d_out, r, 19, 0.1);
+  A.row(0) = W.row(0);
+  B.row(0) << -(1.0 - 1e-4), 0.0;
+  dora::DoraLinear<double, dora::bfloat16> layer(base, c, A, B);
+  layer.forward(random_matrix<double>(3, d_in, 20));
+  const dora::Vector<double> n = layer.row_norm();
+  const dora::Vector<double> dense = dora::row_norm_dense(W, A, B, 1.0);
+  const double err = std::abs(n[0] - dense[0]) / dense[0];
+  std::printf("storage: cancelling row: %ld row(s) recomputed, n_0 relative error %.2e (n_0 / ||W_0|| = %.1e)\n",
+              static_cast<long>(layer.rows_recomputed()), err, dense[0] / W.row(0).norm());
+  CHECK(layer.rows_recomputed() >= 1);
+  CHECK(err <= 1e-9);
+}
+
 TEST_CASE("Stored weights: errors name what was wrong", "[storage]") {
   const Mat<float> W = random_matrix<float>(4, 40, 12);
   CHECK_THROWS_WITH(dora::quantize_q8_0(W), Catch::Contains("multiple of 32 columns, got 4 x 40"));
