@@ -70,11 +70,29 @@ struct StorageTraits<float16> {
   static constexpr Eigen::Index block = 1;
   template <typename Scalar>
   static void dequantize(const float16* src, Eigen::Index count, Scalar* dst) {
-    // Exact (every half is a float); Eigen vectorizes it with F16C where the build enables it.
-    Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>(dst, count) =
-        Eigen::Map<const Eigen::Array<float16, Eigen::Dynamic, 1>>(src, count)
-            .template cast<float>()
-            .template cast<Scalar>();
+    // Exact, on the raw bits so that the compiler vectorizes it (Eigen's half -> float cast ran at
+    // half the speed of the bf16 widening): the 15 exponent-and-mantissa bits shifted into a
+    // float's place encode the value times 2^-112, normal and subnormal halves alike, so one
+    // multiply by 2^112 gives it; inf and NaN keep an all-ones exponent.
+    for (Eigen::Index j = 0; j < count; ++j) {
+      std::uint16_t h;
+      std::memcpy(&h, src + j, sizeof h);
+      const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+      const std::uint32_t magnitude = static_cast<std::uint32_t>(h & 0x7fffu) << 13;
+      float f;
+      if (magnitude >= (0x7c00u << 13)) {
+        const std::uint32_t special = magnitude | 0x7f800000u;
+        std::memcpy(&f, &special, sizeof f);
+      } else {
+        std::memcpy(&f, &magnitude, sizeof f);
+        f *= 0x1p112f;
+      }
+      std::uint32_t bits;
+      std::memcpy(&bits, &f, sizeof bits);
+      bits |= sign;
+      std::memcpy(&f, &bits, sizeof f);
+      dst[j] = static_cast<Scalar>(f);
+    }
   }
 };
 
