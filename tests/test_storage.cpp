@@ -150,7 +150,7 @@ TEMPLATE_TEST_CASE("A Linear layer on a stored W equals the layer on the W it en
   const Eigen::Index d_out = 600, d_in = 1088, r = 8;
   const Mat<float> W0 = random_matrix<float>(d_out, d_in, 3, 0.05);
   const std::vector<Storage> stored = store<Storage>(W0);
-  for (Eigen::Index N : {Eigen::Index(1), Eigen::Index(9)}) {
+  for (Eigen::Index N : {Eigen::Index(1), Eigen::Index(4), Eigen::Index(9)}) {
     const auto check = [&](auto scalar_tag, double tol) {
       using S = decltype(scalar_tag);
       const Vec<S> b = random_vector<S>(d_out, 4);
