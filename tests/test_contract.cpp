@@ -181,6 +181,25 @@ struct ConvFixture {
   };
 };
 
+// A convolution whose W is stored as bf16: the conv contract on the values the stored W encodes.
+struct StoredConvFixture {
+  static constexpr const char* name = "conv (bf16 W)";
+  template <typename S>
+  using Lora = dora::LoraConv<S, dora::bfloat16>;
+  template <typename S>
+  using Dora = dora::DoraConv<S, dora::bfloat16>;
+  template <typename S>
+  using Plain = dora::LoraConv<S>;
+  template <typename S>
+  struct For : ConvFixture::For<S> {
+    std::vector<dora::bfloat16> stored = stored_values<dora::bfloat16>(this->W.template cast<double>());
+    For() { this->W = dora::dequantize<S>(base().lowered.weight); }
+    dora::ConvBase<S, dora::bfloat16> base() const {
+      return dora::borrow_conv<S>(stored.data(), this->g, this->b.data());
+    }
+  };
+};
+
 // A grouped convolution (groups 2): W is out x (in/2 k), B out x r/2, PEFT's reshape norm; not
 // mergeable (PEFT refuses too).
 struct GroupedConvFixture {
@@ -385,7 +404,7 @@ void finite_differences(dora::NormGradient mode, double dropout, const char* lab
 #if !defined(DORA_CONTRACT_PART) || DORA_CONTRACT_PART == 1
 #define DORA_CONTRACT_LAYERS_1                                                 \
   DORA_CONTRACT_FAMILY(LinearFixture), DORA_CONTRACT_FAMILY(EmbeddingFixture), \
-      DORA_CONTRACT_FAMILY(StoredLinearFixture<dora::bfloat16>)
+      DORA_CONTRACT_FAMILY(StoredLinearFixture<dora::bfloat16>), DORA_CONTRACT_FAMILY(StoredConvFixture)
 #endif
 #if !defined(DORA_CONTRACT_PART) || DORA_CONTRACT_PART == 2
 #define DORA_CONTRACT_LAYERS_2                                                 \

@@ -259,6 +259,40 @@ TEST_CASE("A row whose direction cancels is recomputed from the stored values", 
   CHECK(err <= 1e-9);
 }
 
+TEST_CASE("A convolution on a Q8_0 W equals the convolution on the W it encodes", "[storage]") {
+  dora::ConvGeometry g;
+  g.dims = 2;
+  g.in_channels = 8;
+  g.out_channels = 6;
+  g.kernel = {2, 2, 1};  // in k = 32: one Q8_0 block per output channel
+  g.stride = {1, 1, 1};
+  g.padding = {1, 0, 0};
+  g.dilation = {1, 1, 1};
+  g.input = {5, 4, 1};
+  const std::vector<dora::BlockQ8_0> stored = dora::quantize_q8_0(random_matrix<float>(6, 32, 21));
+  const Vec<double> b = random_vector<double>(6, 22);
+  const dora::ConvBase<double, dora::BlockQ8_0> sbase = dora::borrow_conv<double>(stored.data(), g, b.data());
+  const Mat<double> W = dora::dequantize<double>(sbase.lowered.weight);
+  dora::AdapterConfig c;
+  c.rank = 4;
+  c.norm_gradient = dora::NormGradient::exact;
+  const Mat<double> A = random_matrix<double>(4, 32, 23, 0.3), B = random_matrix<double>(6, 4, 24, 0.3);
+  dora::DoraConv<double, dora::BlockQ8_0> layer(sbase, c, A, B);
+  dora::DoraConv<double> dense(dora::borrow_conv(W, b, g), c, A, B);
+  const Mat<double> x = random_matrix<double>(3, 8 * 20, 25);
+  const Mat<double> y = layer.forward(x), y_ref = dense.forward(x);
+  const Mat<double> dy = random_matrix<double>(y.rows(), y.cols(), 26);
+  const Mat<double> dx = layer.backward(dy), dx_ref = dense.backward(dy);
+  const double err = std::max(
+      {rel_err(y, y_ref), rel_err(dx, dx_ref), rel_err(layer.grad_lora_A(), dense.grad_lora_A()),
+       rel_err(layer.grad_lora_B(), dense.grad_lora_B()), rel_err(layer.grad_magnitude(), dense.grad_magnitude())});
+  std::printf("storage: DoRA Conv2d on a q8_0 W vs the dense conv: worst relative error %.2e\n", err);
+  CHECK(err <= 1e-13);
+  // A grouped convolution keeps a native W (its products cut W into per-group views).
+  g.groups = 2;
+  CHECK_THROWS_WITH(dora::borrow_conv<double>(stored.data(), g), Catch::Contains("groups = 2 needs its weight stored"));
+}
+
 TEST_CASE("Stored weights: errors name what was wrong", "[storage]") {
   const Mat<float> W = random_matrix<float>(4, 40, 12);
   CHECK_THROWS_WITH(dora::quantize_q8_0(W), Catch::Contains("multiple of 32 columns, got 4 x 40"));

@@ -85,18 +85,27 @@ struct ConvGeometry {
 };
 
 /// A borrowed frozen convolution: the lowered view of W (out x in*k...) and the bias, and its shape.
-template <typename Scalar>
+/// Storage: how W is stored (Scalar, or bfloat16 / float16 / BlockQ8_0: storage.hpp; a stored W
+/// needs groups = 1, and Q8_0 needs in k... a multiple of 32).
+template <typename Scalar, typename Storage = Scalar>
 struct ConvBase {
-  ConvBase(const Scalar* weight, const ConvGeometry& geometry, const Scalar* bias)
-      : lowered(check(weight, geometry), geometry.out_channels, geometry.weight_cols(), geometry.weight_cols(), bias),
+  ConvBase(const Storage* weight, const ConvGeometry& geometry, const Scalar* bias)
+      : lowered(check(weight, geometry), geometry.out_channels, geometry.weight_cols(),
+                geometry.weight_cols() / detail::storage_block<Storage>(), bias),
         geometry(geometry) {}
 
-  BaseLayer<Scalar> lowered;  ///< W as out x (in/groups k...), torch's layout read in place
+  BaseLayer<Scalar, Storage> lowered;  ///< W as out x (in/groups k...), torch's layout read in place
   ConvGeometry geometry;
 
  private:
-  static const Scalar* check(const Scalar* weight, const ConvGeometry& g) {
+  static const Storage* check(const Storage* weight, const ConvGeometry& g) {
     g.validate();
+    // The grouped products cut W into per-group blocks of rows and the grouped norm into strided
+    // chunks (dora_core.hpp): both are written for an Eigen view of W.
+    constexpr bool native = std::is_same<Scalar, Storage>::value;
+    DORA_CHECK_ARG(native || g.groups == 1, "a convolution with groups = ", g.groups,
+                   " needs its weight stored as the layer's Scalar (a ", detail::storage_name<Storage>(),
+                   " weight is supported for groups = 1)");
     return weight;
   }
 };
@@ -123,6 +132,13 @@ ConvBase<Scalar> borrow_conv(const Matrix<Scalar>& weight, const Vector<Scalar>&
   DORA_CHECK_ARG(bias.size() == geometry.out_channels, "bias has ", bias.size(), " entries but the convolution has ",
                  geometry.out_channels, " output channels");
   return ConvBase<Scalar>(weight.data(), geometry, bias.data());
+}
+/// Borrow a convolution weight stored as bf16, f16 or Q8_0 in torch's layout (out, in, k...; Q8_0:
+/// out rows of in k... / 32 blocks), for a layer computing in Scalar: `borrow_conv<float>(w, g)`.
+template <typename Scalar, typename Storage, typename = std::enable_if_t<detail::is_stored_format<Storage>()>>
+ConvBase<Scalar, Storage> borrow_conv(const Storage* weight, const ConvGeometry& geometry,
+                                      const Scalar* bias = nullptr) {
+  return ConvBase<Scalar, Storage>(weight, geometry, bias);
 }
 template <typename Scalar>
 ConvBase<Scalar> borrow_conv(Matrix<Scalar>&&, const ConvGeometry&) = delete;
@@ -212,9 +228,10 @@ void col2im(const ConvGeometry& g, const Matrix<Scalar>& cols, Out& dx) {
 
 /// What LoRA and DoRA convolutions share: unfolding x, folding the output and dx, the dropout mask.
 /// Dense is DenseLora or DenseDora: the products on the unfolded input.
-template <typename Derived, typename Scalar, template <typename, typename> class Dense>
-class ConvAdapter : public Dense<Derived, Scalar> {
-  using Base = Dense<Derived, Scalar>;
+template <typename Derived, typename Scalar, template <typename, typename, typename> class Dense,
+          typename Storage = Scalar>
+class ConvAdapter : public Dense<Derived, Scalar, Storage> {
+  using Base = Dense<Derived, Scalar, Storage>;
 
  public:
   using MatrixType = Matrix<Scalar>;
@@ -261,9 +278,9 @@ class ConvAdapter : public Dense<Derived, Scalar> {
   const MatrixType& dropout_mask() const { return input_mask_; }
 
  protected:
-  ConvAdapter(const ConvBase<Scalar>& base, const AdapterConfig& config)
+  ConvAdapter(const ConvBase<Scalar, Storage>& base, const AdapterConfig& config)
       : Base(kConvFactors, base.lowered, config, base.geometry.groups), geometry_(base.geometry) {}
-  ConvAdapter(const ConvBase<Scalar>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
+  ConvAdapter(const ConvBase<Scalar, Storage>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
               const Eigen::Ref<const MatrixType>& B)
       : Base(kConvFactors, base.lowered, config, A, B, base.geometry.groups), geometry_(base.geometry) {}
 
@@ -315,10 +332,11 @@ class ConvAdapter : public Dense<Derived, Scalar> {
 
 }  // namespace detail
 
-template <typename Scalar>
-class LoraConv : public detail::ConvAdapter<LoraConv<Scalar>, Scalar, detail::DenseLora> {
-  using Base = detail::ConvAdapter<LoraConv<Scalar>, Scalar, detail::DenseLora>;
-  friend class detail::Adapter<LoraConv<Scalar>, Scalar, Eigen::Ref<const Matrix<Scalar>>>;
+/// Storage: how W is stored (Scalar, or bfloat16 / float16 / BlockQ8_0 with groups = 1).
+template <typename Scalar, typename Storage = Scalar>
+class LoraConv : public detail::ConvAdapter<LoraConv<Scalar, Storage>, Scalar, detail::DenseLora, Storage> {
+  using Base = detail::ConvAdapter<LoraConv<Scalar, Storage>, Scalar, detail::DenseLora, Storage>;
+  friend class detail::Adapter<LoraConv<Scalar, Storage>, Scalar, Eigen::Ref<const Matrix<Scalar>>>;
 
  public:
   using MatrixType = Matrix<Scalar>;
@@ -326,18 +344,19 @@ class LoraConv : public detail::ConvAdapter<LoraConv<Scalar>, Scalar, detail::De
   using Base::infer;
 
   /// A as config.init says (kaiming-uniform with fan_in = in x kernel, as PEFT's lora_A conv), B = 0.
-  LoraConv(const ConvBase<Scalar>& base, const AdapterConfig& config) : Base(base, config) {}
+  LoraConv(const ConvBase<Scalar, Storage>& base, const AdapterConfig& config) : Base(base, config) {}
   /// Starts from A (r x in*k..., PEFT's lora_A.weight flattened) and B (out x r/groups).
-  LoraConv(const ConvBase<Scalar>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
+  LoraConv(const ConvBase<Scalar, Storage>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
            const Eigen::Ref<const MatrixType>& B)
       : Base(base, config, A, B) {}
 };
 
-template <typename Scalar>
-class DoraConv : public detail::ConvAdapter<DoraConv<Scalar>, Scalar, detail::DenseDora> {
-  using Base = detail::ConvAdapter<DoraConv<Scalar>, Scalar, detail::DenseDora>;
-  friend class detail::Adapter<DoraConv<Scalar>, Scalar, Eigen::Ref<const Matrix<Scalar>>>;
-  friend class detail::DoraMagnitude<DoraConv<Scalar>, Scalar>;
+/// Storage: how W is stored (Scalar, or bfloat16 / float16 / BlockQ8_0 with groups = 1).
+template <typename Scalar, typename Storage = Scalar>
+class DoraConv : public detail::ConvAdapter<DoraConv<Scalar, Storage>, Scalar, detail::DenseDora, Storage> {
+  using Base = detail::ConvAdapter<DoraConv<Scalar, Storage>, Scalar, detail::DenseDora, Storage>;
+  friend class detail::Adapter<DoraConv<Scalar, Storage>, Scalar, Eigen::Ref<const Matrix<Scalar>>>;
+  friend class detail::DoraMagnitude<DoraConv<Scalar, Storage>, Scalar>;
 
  public:
   using MatrixType = Matrix<Scalar>;
@@ -345,9 +364,9 @@ class DoraConv : public detail::ConvAdapter<DoraConv<Scalar>, Scalar, detail::De
   using Base::infer;
 
   /// A as config.init says, B = 0, m = n (the layer starts equal to the base convolution).
-  DoraConv(const ConvBase<Scalar>& base, const AdapterConfig& config) : Base(base, config) {}
+  DoraConv(const ConvBase<Scalar, Storage>& base, const AdapterConfig& config) : Base(base, config) {}
   /// Starts from the given A and B; m = n per output channel (PEFT's magnitude initialisation).
-  DoraConv(const ConvBase<Scalar>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
+  DoraConv(const ConvBase<Scalar, Storage>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
            const Eigen::Ref<const MatrixType>& B)
       : Base(base, config, A, B) {}
 };

@@ -54,10 +54,10 @@ struct StorageTraits<bfloat16> {
     // bf16 is the top half of a float: the widening is a shift, exact. Written on the raw bits so
     // that the compiler vectorizes it (Eigen's bfloat16 -> float cast is twice as slow here).
     for (Eigen::Index j = 0; j < count; ++j) {
-      std::uint16_t half;
+      std::uint16_t half = 0;
       std::memcpy(&half, src + j, sizeof half);
       const std::uint32_t word = static_cast<std::uint32_t>(half) << 16;
-      float f;
+      float f = 0.0f;
       std::memcpy(&f, &word, sizeof f);
       dst[j] = static_cast<Scalar>(f);
     }
@@ -75,11 +75,11 @@ struct StorageTraits<float16> {
     // float's place encode the value times 2^-112, normal and subnormal halves alike, so one
     // multiply by 2^112 gives it; inf and NaN keep an all-ones exponent.
     for (Eigen::Index j = 0; j < count; ++j) {
-      std::uint16_t h;
+      std::uint16_t h = 0;
       std::memcpy(&h, src + j, sizeof h);
       const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
       const std::uint32_t magnitude = static_cast<std::uint32_t>(h & 0x7fffu) << 13;
-      float f;
+      float f = 0.0f;
       if (magnitude >= (0x7c00u << 13)) {
         const std::uint32_t special = magnitude | 0x7f800000u;
         std::memcpy(&f, &special, sizeof f);
@@ -87,7 +87,7 @@ struct StorageTraits<float16> {
         std::memcpy(&f, &magnitude, sizeof f);
         f *= 0x1p112f;
       }
-      std::uint32_t bits;
+      std::uint32_t bits = 0;
       std::memcpy(&bits, &f, sizeof bits);
       bits |= sign;
       std::memcpy(&f, &bits, sizeof f);
@@ -114,6 +114,15 @@ template <typename Storage>
 constexpr bool is_stored_format() {
   return std::is_same<Storage, bfloat16>::value || std::is_same<Storage, float16>::value ||
          std::is_same<Storage, BlockQ8_0>::value;
+}
+
+/// The format's name for messages ("bf16", ...; the compute type's for a W stored as it).
+template <typename Storage>
+constexpr const char* storage_name() {
+  if constexpr (is_stored_format<Storage>())
+    return StorageTraits<Storage>::name;
+  else
+    return std::is_same<Storage, double>::value ? "double" : "float";
 }
 
 /// Weights per stored element: 32 for Q8_0, else 1 (also for W stored as the compute type).

@@ -68,14 +68,14 @@ class PeftAdapterWriter {
   /// geometry().kernel), through add_conv(). Stride, padding and dilation belong to the base
   /// nn.ConvNd; PEFT 0.21's lora_A takes the base's stride and padding but not its dilation, so
   /// an adapter of a dilated convolution loads there but its forward fails (huggingface/peft#3697).
-  template <typename Scalar>
-  void add(const std::string& path, const LoraConv<Scalar>& layer) {
+  template <typename Scalar, typename Storage>
+  void add(const std::string& path, const LoraConv<Scalar, Storage>& layer) {
     add_conv(path, layer.config(), layer.geometry().in_channels, conv_kernel(layer.geometry()),
              layer.lora_A().template cast<double>(), layer.lora_B().template cast<double>(), Eigen::VectorXd(),
              layer.geometry().groups);
   }
-  template <typename Scalar>
-  void add(const std::string& path, const DoraConv<Scalar>& layer) {
+  template <typename Scalar, typename Storage>
+  void add(const std::string& path, const DoraConv<Scalar, Storage>& layer) {
     add_conv(path, layer.config(), layer.geometry().in_channels, conv_kernel(layer.geometry()),
              layer.lora_A().template cast<double>(), layer.lora_B().template cast<double>(),
              layer.magnitude().template cast<double>(), layer.geometry().groups);
