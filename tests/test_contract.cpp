@@ -37,7 +37,7 @@ struct FixtureDefaults {
 // A family of layer types: its name, its LoRA and DoRA layers (the LoRA one with B = 0 is the plain
 // frozen layer), and For<S>: how to build its frozen base and its inputs.
 struct LinearFixture {
-  static constexpr const char* name = "linear";
+  [[maybe_unused]] static constexpr const char* name = "linear";
   template <typename S>
   using Lora = dora::LoraLinear<S>;
   template <typename S>
@@ -79,7 +79,7 @@ std::vector<Storage> stored_values(const Mat<double>& W) {
 
 template <typename Storage>
 struct StoredLinearFixture {
-  static constexpr const char* name =
+  [[maybe_unused]] static constexpr const char* name =
       std::is_same<Storage, dora::bfloat16>::value ? "linear (bf16 W)" : "linear (q8_0 W)";
   template <typename S>
   using Lora = dora::LoraLinear<S, Storage>;
@@ -109,7 +109,7 @@ struct StoredLinearFixture {
 };
 
 struct EmbeddingFixture {
-  static constexpr const char* name = "embedding";
+  [[maybe_unused]] static constexpr const char* name = "embedding";
   template <typename S>
   using Lora = dora::LoraEmbedding<S>;
   template <typename S>
@@ -143,7 +143,7 @@ struct EmbeddingFixture {
 };
 
 struct ConvFixture {
-  static constexpr const char* name = "conv";
+  [[maybe_unused]] static constexpr const char* name = "conv";
   template <typename S>
   using Lora = dora::LoraConv<S>;
   template <typename S>
@@ -183,7 +183,7 @@ struct ConvFixture {
 
 // A convolution whose W is stored as bf16: the conv contract on the values the stored W encodes.
 struct StoredConvFixture {
-  static constexpr const char* name = "conv (bf16 W)";
+  [[maybe_unused]] static constexpr const char* name = "conv (bf16 W)";
   template <typename S>
   using Lora = dora::LoraConv<S, dora::bfloat16>;
   template <typename S>
@@ -203,7 +203,7 @@ struct StoredConvFixture {
 // A grouped convolution (groups 2): W is out x (in/2 k), B out x r/2, PEFT's reshape norm; not
 // mergeable (PEFT refuses too).
 struct GroupedConvFixture {
-  static constexpr const char* name = "grouped conv";
+  [[maybe_unused]] static constexpr const char* name = "grouped conv";
   template <typename S>
   using Lora = dora::LoraConv<S>;
   template <typename S>
