@@ -3,8 +3,9 @@
 // gradient), Forward = forward only (also at n = 1; ForwardDoraEval: evaluation mode, cached norm).
 // With --benchmark_repetitions each gets a "spread" statistic (max / min time over repetitions)
 // and DoRA a rows_recomputed counter. Base is the frozen layer alone (x W^T forward, dy W backward).
-// fp32 compute; W stored as float, or (names ending _bf16, _f16, _q8) as bf16, f16 or Q8_0. Threads: OMP_NUM_THREADS
-// (Eigen's OpenMP products). Compare methods by their ratio within one run; the machine is shared and noisy, so use
+// fp32 compute; W stored as float, or (names ending _bf16, _f16, _q8, _q4) as bf16, f16, Q8_0 or Q4_0. Threads:
+// OMP_NUM_THREADS (Eigen's OpenMP products). Compare methods by their ratio within one run; the machine is shared and
+// noisy, so use
 // --benchmark_repetitions and the medians.
 
 #include <benchmark/benchmark.h>
@@ -130,20 +131,13 @@ void BM_ForwardDoraExact(benchmark::State& st) { dora_impl(st, Pass::Forward, do
 void BM_ForwardDoraDense(benchmark::State& st) { dense_impl(st, Pass::Forward); }
 void BM_ForwardDoraEval(benchmark::State& st) { dora_impl(st, Pass::Forward, dora::NormGradient::detached, true); }
 
-// The frozen W stored as bf16, f16 or Q8_0 (storage.hpp; the layer computes in float and
+// The frozen W stored as bf16, f16, Q8_0 or Q4_0 (storage.hpp; the layer computes in float and
 // dequantizes tiles of W). Names: BM_<Pass><Method>_<dtype>/...; compare with the same method's
 // float-base benchmark in the same run.
 template <typename Storage>
 struct StoredW {
   std::vector<Storage> values;
-  explicit StoredW(const Mat& W) {
-    if constexpr (std::is_same<Storage, dora::BlockQ8_0>::value) {
-      values = dora::quantize_q8_0(W);
-    } else {
-      const auto rounded = dora::round_weight<Storage>(W);
-      values.assign(rounded.data(), rounded.data() + rounded.size());
-    }
-  }
+  explicit StoredW(const Mat& W) : values(dora::encode_weight<Storage>(W)) {}
   dora::BaseLayer<S, Storage> base(const Problem& p) const {
     return dora::borrow<S>(values.data(), p.d_out, p.d_in, p.bias.data());
   }
@@ -193,6 +187,7 @@ void stored_impl(benchmark::State& st, Pass pass, Method method) {
 DORA_STORED_BENCHMARKS(bf16, dora::bfloat16)
 DORA_STORED_BENCHMARKS(f16, dora::float16)
 DORA_STORED_BENCHMARKS(q8, dora::BlockQ8_0)
+DORA_STORED_BENCHMARKS(q4, dora::BlockQ4_0)
 
 // Row norm alone: factored (one d_out x d_in x r product, W read once) vs dense (the same
 // product written into a d_out x d_in matrix, then read again for the norms).
@@ -287,6 +282,7 @@ BENCHMARK(BM_RowNormFactored)->Apply(norm_shapes);
 DORA_REGISTER_STORED(bf16)
 DORA_REGISTER_STORED(f16)
 DORA_REGISTER_STORED(q8)
+DORA_REGISTER_STORED(q4)
 BENCHMARK(BM_RowNormDense)->Apply(norm_shapes);
 
 BENCHMARK_MAIN();

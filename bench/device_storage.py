@@ -9,9 +9,11 @@ ap.add_argument("--threads", type=int, nargs="+", default=[16, 1])
 ap.add_argument("--shapes", nargs="+", default=["4096/4096/16/512", "11008/4096/64/512", "4096/4096/16/1"])
 ap.add_argument("--rounds", type=int, default=0, help="rounds per row (default 3 at 16 threads, 2 at 1)")
 ap.add_argument("--no-memory", action="store_true")
+ap.add_argument("--dtypes", nargs="+", default=["f32", "bf16", "f16", "q8", "q4"], help="f32 first: the reference")
+ap.add_argument("--tag", default="", help="suffix of the output files")
 args = ap.parse_args()
 out = args.out
-DTYPES = ["f32", "bf16", "f16", "q8"]
+DTYPES = args.dtypes
 STEP = ["base", "lora", "dora", "doraexact"]
 
 def drv(t, s, reps, methods, dtype):
@@ -45,11 +47,11 @@ for t in ([] if args.no_memory else [1, 16]):
             kv["threads"] = t
             mem.append(kv)
             print(json.dumps(kv), flush=True)
-with open(os.path.join(out, "storage_issue12%s.json" % ("" if not args.no_memory else "_rerun")), "w") as f:
+with open(os.path.join(out, "storage_issue12%s.json" % args.tag), "w") as f:
     json.dump({"steps": rows, "memory": mem}, f)
 
-print("\n| shape | thr | method | f32 | bf16 | f16 | q8 | bf16/f32 | f16/f32 | q8/f32 |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("\n| shape | thr | method | " + " | ".join(DTYPES) + " | " + " | ".join(f"{d}/f32" for d in DTYPES[1:]) + " |")
+print("|---|---|---|" + "---|" * (2 * len(DTYPES) - 1))
 for r in rows:
     for m in (STEP if not r["shape"].endswith("/1") else ["basefwd", "dorainfer"]):
         v = [r[f"{d}:{m}"] for d in DTYPES]

@@ -1,6 +1,6 @@
 // Peak memory of a few training steps of one method, in its own process so that methods are
 // compared without sharing an allocator's high-water mark:
-//   dora_memory <base|lora|dora|doraexact|doradense> <d_out> <d_in> <r> <n> [--base-dtype f32|bf16|f16|q8]
+//   dora_memory <base|lora|dora|doraexact|doradense> <d_out> <d_in> <r> <n> [--base-dtype f32|bf16|f16|q8|q4]
 // prints peak_rss_bytes=<N> (getrusage's ru_maxrss of this process), weight_bytes=<N> (the stored W:
 // 4, 2, 2 or 34/32 bytes per entry) and the sizes to compare them to. W is made 64 rows at a time,
 // so a narrow base never has a float copy of W in this process either.
@@ -17,6 +17,7 @@
 
 #include "../tests/support/dense_dora.hpp"
 #include "../tests/test_support.hpp"
+#include "base_dtype.hpp"
 
 namespace {
 using S = float;
@@ -49,12 +50,9 @@ std::vector<Storage> make_weight(Eigen::Index d_out, Eigen::Index d_in) {
     const Mat chunk = dora_test::random_matrix<S>(std::min<Eigen::Index>(64, d_out - r0), d_in, 1 + r0, 0.02);
     if constexpr (std::is_same<Storage, S>::value) {
       out.insert(out.end(), chunk.data(), chunk.data() + chunk.size());
-    } else if constexpr (std::is_same<Storage, dora::BlockQ8_0>::value) {
-      const std::vector<dora::BlockQ8_0> q = dora::quantize_q8_0(chunk);
-      out.insert(out.end(), q.begin(), q.end());
     } else {
-      const auto rounded = dora::round_weight<Storage>(chunk);
-      out.insert(out.end(), rounded.data(), rounded.data() + rounded.size());
+      const std::vector<Storage> encoded = dora::encode_weight<Storage>(chunk);
+      out.insert(out.end(), encoded.begin(), encoded.end());
     }
   }
   return out;
@@ -126,15 +124,13 @@ int main(int argc, char** argv) {
   if (args.size() != 5) {
     std::fprintf(stderr,
                  "usage: dora_memory <base|lora|dora|doraexact|doradense> <d_out> <d_in> <r> <n> "
-                 "[--base-dtype f32|bf16|f16|q8]\n");
+                 "[--base-dtype %s]\n",
+                 dora_bench::kBaseDtypes);
     return 2;
   }
   const Eigen::Index d_out = parse(args[1].c_str(), "d_out"), d_in = parse(args[2].c_str(), "d_in"),
                      r = parse(args[3].c_str(), "r"), n = parse(args[4].c_str(), "n");
-  if (dtype == "f32") return run<S>(args[0], dtype, d_out, d_in, r, n);
-  if (dtype == "bf16") return run<dora::bfloat16>(args[0], dtype, d_out, d_in, r, n);
-  if (dtype == "f16") return run<dora::float16>(args[0], dtype, d_out, d_in, r, n);
-  if (dtype == "q8") return run<dora::BlockQ8_0>(args[0], dtype, d_out, d_in, r, n);
-  std::fprintf(stderr, "dora_memory: --base-dtype must be f32, bf16, f16 or q8, got '%s'\n", dtype.c_str());
-  return 2;
+  return dora_bench::with_base_dtype<S>(dtype, "dora_memory", [&](auto tag) {
+    return run<typename decltype(tag)::type>(args[0], dtype, d_out, d_in, r, n);
+  });
 }

@@ -1,11 +1,11 @@
 // Standalone timing driver for machines without Google Benchmark (the PEFT comparison machine):
-//   step_driver <d_out> <d_in> <r> <n> <repetitions> [methods...] [--base-dtype f32|bf16|f16|q8]
+//   step_driver <d_out> <d_in> <r> <n> <repetitions> [methods...] [--base-dtype f32|bf16|f16|q8|q4]
 // methods: base lora dora doraexact doradense (default: all; doradense and baseeigen only with an
 // f32 base): one step = forward + backward (dx and all adapter gradients); basefwd lorainfer dorainfer: one evaluation
 // forward (the frozen layer alone; LoRA and DoRA in evaluation mode with DoRA's cached norm: the output of infer()).
 // base / basefwd use the layers' own products (detail/parallel.hpp, split over threads by the
 // layer); baseeigen is the same step with Eigen's products and Eigen's threading.
-// --base-dtype: W stored as f32 (default), bf16, f16 or Q8_0 (storage.hpp); compute in fp32.
+// --base-dtype: W stored as f32 (default), bf16, f16, Q8_0 or Q4_0 (storage.hpp); compute in fp32.
 // For each, one warm-up, then <repetitions> timed runs, fp32; prints one JSON line per method
 // with the median and minimum in milliseconds. Threads: OMP_NUM_THREADS.
 
@@ -21,6 +21,7 @@
 
 #include "../tests/support/dense_dora.hpp"
 #include "../tests/test_support.hpp"
+#include "base_dtype.hpp"
 
 namespace {
 using S = float;
@@ -128,10 +129,9 @@ int main(int argc, char** argv) {
     else
       args.emplace_back(argv[i]);
   }
-  if (args.size() < 5 || (dtype != "f32" && dtype != "bf16" && dtype != "f16" && dtype != "q8")) {
-    std::fprintf(
-        stderr,
-        "usage: step_driver <d_out> <d_in> <r> <n> <repetitions> [methods...] [--base-dtype f32|bf16|f16|q8]\n");
+  if (args.size() < 5) {
+    std::fprintf(stderr, "usage: step_driver <d_out> <d_in> <r> <n> <repetitions> [methods...] [--base-dtype %s]\n",
+                 dora_bench::kBaseDtypes);
     return 2;
   }
   Problem p;
@@ -156,20 +156,14 @@ int main(int argc, char** argv) {
   p.config.alpha = 2.0 * static_cast<double>(p.r);
   // The float W exists only while the stored one is made from it.
   Mat W = dora_test::random_matrix<S>(p.d_out, p.d_in, 1, 0.02);
-  if (dtype == "bf16" || dtype == "f16") {
-    if (dtype == "bf16") {
-      const auto stored = dora::round_weight<dora::bfloat16>(W);
+  return dora_bench::with_base_dtype<S>(dtype, "step_driver", [&](auto tag) {
+    using Storage = typename decltype(tag)::type;
+    if constexpr (std::is_same<Storage, S>::value) {
+      return run(p, dora::borrow(W, p.bias), methods);
+    } else {
+      const std::vector<Storage> stored = dora::encode_weight<Storage>(W);
       W.resize(0, 0);
-      return run(p, dora::borrow<S>(stored, p.bias), methods);
+      return run(p, dora::borrow<S>(stored, p.d_out, p.d_in, p.bias.data()), methods);
     }
-    const auto stored = dora::round_weight<dora::float16>(W);
-    W.resize(0, 0);
-    return run(p, dora::borrow<S>(stored, p.bias), methods);
-  }
-  if (dtype == "q8") {
-    const std::vector<dora::BlockQ8_0> stored = dora::quantize_q8_0(W);
-    W.resize(0, 0);
-    return run(p, dora::borrow_q8_0<S>(stored, p.d_out, p.d_in, p.bias.data()), methods);
-  }
-  return run(p, dora::borrow(W, p.bias), methods);
+  });
 }

@@ -64,23 +64,13 @@ struct LinearFixture {
   };
 };
 
-// A Linear layer whose W is stored as bf16 or Q8_0 (storage.hpp): the same contract. W here is
+// A Linear layer whose W is stored as bf16 or Q4_0 (storage.hpp): the same contract. W here is
 // the values the stored weight encodes (so every reference computed from W is exact), and the
 // merged layer, being dense, is a plain LoraLinear.
 template <typename Storage>
-std::vector<Storage> stored_values(const Mat<double>& W) {
-  if constexpr (std::is_same<Storage, dora::BlockQ8_0>::value) {
-    return dora::quantize_q8_0(W);
-  } else {
-    const auto rounded = dora::round_weight<Storage>(W);
-    return std::vector<Storage>(rounded.data(), rounded.data() + rounded.size());
-  }
-}
-
-template <typename Storage>
 struct StoredLinearFixture {
   [[maybe_unused]] static constexpr const char* name =
-      std::is_same<Storage, dora::bfloat16>::value ? "linear (bf16 W)" : "linear (q8_0 W)";
+      std::is_same<Storage, dora::bfloat16>::value ? "linear (bf16 W)" : "linear (q4_0 W)";
   template <typename S>
   using Lora = dora::LoraLinear<S, Storage>;
   template <typename S>
@@ -90,9 +80,9 @@ struct StoredLinearFixture {
   template <typename S>
   struct For : FixtureDefaults {
     static constexpr bool has_dropout = true, has_input_grad = true;
-    static constexpr Eigen::Index excluded_A_column = -1, d_out = 7, d_in = 64;  // Q8_0: 2 blocks per row
+    static constexpr Eigen::Index excluded_A_column = -1, d_out = 7, d_in = 64;  // Q4_0: 2 blocks per row
     using Input = Mat<S>;
-    std::vector<Storage> stored = stored_values<Storage>(random_matrix<double>(d_out, d_in, 11));
+    std::vector<Storage> stored = dora::encode_weight<Storage>(random_matrix<double>(d_out, d_in, 11));
     Vec<S> b = random_vector<S>(d_out, 12);
     Mat<S> W = dora::dequantize<S>(base().weight);  // after stored and b, which base() reads
     Eigen::Index a_cols() const { return d_in; }
@@ -139,6 +129,24 @@ struct EmbeddingFixture {
     static constexpr Eigen::Index excluded_A_column = 3;  // padding_idx (see finite_differences)
     dora::EmbeddingBase<S> base_of(const Mat<S>& weight) const { return dora::borrow_embedding(weight, 3); }
     dora::EmbeddingBase<S> base() const { return base_of(W); }
+  };
+};
+
+// An embedding on a bf16 table: the embedding contract on the values the stored table encodes
+// (the norm's products then run over the stored table's transpose).
+struct StoredEmbeddingFixture {
+  [[maybe_unused]] static constexpr const char* name = "embedding (bf16 table)";
+  template <typename S>
+  using Lora = dora::LoraEmbedding<S, dora::bfloat16>;
+  template <typename S>
+  using Dora = dora::DoraEmbedding<S, dora::bfloat16>;
+  template <typename S>
+  using Plain = dora::LoraEmbedding<S>;
+  template <typename S>
+  struct For : EmbeddingFixture::For<S> {
+    std::vector<dora::bfloat16> stored = dora::encode_weight<dora::bfloat16>(this->W);
+    For() { this->W = dora::dequantize<S>(base().weight); }
+    dora::EmbeddingBase<S, dora::bfloat16> base() const { return dora::borrow_embedding<S>(stored, 9, 6, 3); }
   };
 };
 
@@ -192,7 +200,7 @@ struct StoredConvFixture {
   using Plain = dora::LoraConv<S>;
   template <typename S>
   struct For : ConvFixture::For<S> {
-    std::vector<dora::bfloat16> stored = stored_values<dora::bfloat16>(this->W.template cast<double>());
+    std::vector<dora::bfloat16> stored = dora::encode_weight<dora::bfloat16>(this->W);
     For() { this->W = dora::dequantize<S>(base().lowered.weight); }
     dora::ConvBase<S, dora::bfloat16> base() const {
       return dora::borrow_conv<S>(stored.data(), this->g, this->b.data());
@@ -409,7 +417,7 @@ void finite_differences(dora::NormGradient mode, double dropout, const char* lab
 #if !defined(DORA_CONTRACT_PART) || DORA_CONTRACT_PART == 2
 #define DORA_CONTRACT_LAYERS_2                                                 \
   DORA_CONTRACT_FAMILY(ConvFixture), DORA_CONTRACT_FAMILY(GroupedConvFixture), \
-      DORA_CONTRACT_FAMILY(StoredLinearFixture<dora::BlockQ8_0>)
+      DORA_CONTRACT_FAMILY(StoredLinearFixture<dora::BlockQ4_0>), DORA_CONTRACT_FAMILY(StoredEmbeddingFixture)
 #endif
 #if !defined(DORA_CONTRACT_PART)
 #define DORA_CONTRACT_LAYERS DORA_CONTRACT_LAYERS_1, DORA_CONTRACT_LAYERS_2

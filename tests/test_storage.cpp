@@ -1,15 +1,17 @@
-// Frozen weights stored as bf16, f16 or Q8_0 (include/dora/storage.hpp):
-//   - rounding to bf16 / f16 and quantizing to Q8_0 against implementations written here from the
-//     formats' definitions (not from the library's code), and Q8_0's stated error bound;
+// Frozen weights stored as bf16, f16, Q8_0 or Q4_0 (include/dora/storage.hpp):
+//   - rounding to bf16 / f16 and quantizing to Q8_0 / Q4_0 against implementations written here
+//     from the formats' definitions (not from the library's code), and the stated error bounds;
 //   - the tiled products and a whole LoRA / DoRA Linear layer (forward, backward, evaluation,
 //     infer, merge) against the same layer on the dense W that the stored weight encodes, at sizes
-//     with several tiles, partial tiles and several threads;
+//     with several tiles, partial tiles and several threads; the same for an embedding on a stored
+//     table (whose norm's products run over the table's transpose) and for grouped convolutions;
 //   - the DoRA norm in float on a stored W against a double-precision dense computation, within
 //     the factored norm's bound (dequantization is exact in float, so the bound is float's);
 //   - errors that name what was wrong.
 // The contract suite (test_contract.cpp) runs finite differences and the rest of the contract on
-// a bf16 and a Q8_0 Linear.
+// a bf16 and a Q4_0 Linear, a bf16 Conv2d and a Q8_0 embedding.
 
+#include <array>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
@@ -57,14 +59,34 @@ std::vector<ReferenceBlock> reference_q8_0(const Mat<float>& W) {
   return out;
 }
 
+// GGML's quantize_row_q4_0_ref as its definition reads: d = max / -8 (max: the entry of largest
+// magnitude, sign kept), q = min(15, trunc(w / d + 8.5)), w ~ d (q - 8).
+std::vector<ReferenceBlock> reference_q4_0(const Mat<float>& W) {
+  std::vector<ReferenceBlock> out;
+  for (Eigen::Index i = 0; i < W.rows(); ++i)
+    for (Eigen::Index b = 0; b < W.cols() / 32; ++b) {
+      ReferenceBlock block{};
+      float amax = 0.0f, max = 0.0f;
+      for (int j = 0; j < 32; ++j)
+        if (std::fabs(W(i, b * 32 + j)) > amax) {
+          amax = std::fabs(W(i, b * 32 + j));
+          max = W(i, b * 32 + j);
+        }
+      const float d = max / -8.0f;
+      const float id = d != 0.0f ? 1.0f / d : 0.0f;
+      for (int j = 0; j < 32; ++j) {
+        const float scaled = W(i, b * 32 + j) * id;
+        block.q[j] = std::min(15, static_cast<int>(std::trunc(scaled + 8.5f)));
+      }
+      block.d = reference_f16(d);
+      out.push_back(block);
+    }
+  return out;
+}
+
 template <typename Storage>
 std::vector<Storage> store(const Mat<float>& W) {
-  if constexpr (std::is_same<Storage, dora::BlockQ8_0>::value) {
-    return dora::quantize_q8_0(W);
-  } else {
-    const auto rounded = dora::round_weight<Storage>(W);
-    return std::vector<Storage>(rounded.data(), rounded.data() + rounded.size());
-  }
+  return dora::encode_weight<Storage>(W);
 }
 
 template <typename Storage>
@@ -143,8 +165,52 @@ TEST_CASE("Q8_0 quantization matches GGML's definition and its error bound", "[s
   CHECK(worst > 1e-3);  // the bound is not vacuous here
 }
 
+TEST_CASE("Q4_0 quantization matches GGML's definition and its error bound", "[storage]") {
+  Mat<float> W = random_matrix<float>(9, 96, 27);
+  W.row(3).segment(32, 32).setZero();  // an all-zero block: d = 0, every q = 8
+  W(5, 40) = -10.0f;                   // the largest entry negative: d > 0
+  W(5, 41) = 9.9f;                     // within amax / 16 of -max: clamps to q = 15
+  const std::vector<dora::BlockQ4_0> q = dora::quantize_q4_0(W);
+  const std::vector<ReferenceBlock> ref = reference_q4_0(W);
+  REQUIRE(q.size() == ref.size());
+  REQUIRE(q.size() == 9 * 3);
+  int q_mismatch = 0, d_mismatch = 0;
+  for (std::size_t k = 0; k < q.size(); ++k) {
+    if (static_cast<double>(static_cast<float>(q[k].d)) != ref[k].d) ++d_mismatch;
+    for (int j = 0; j < 16; ++j) {  // GGML's nibble order: q_j low, q_{j+16} high
+      if ((q[k].qs[j] & 0x0f) != ref[k].q[j]) ++q_mismatch;
+      if ((q[k].qs[j] >> 4) != ref[k].q[j + 16]) ++q_mismatch;
+    }
+  }
+  std::printf("storage: Q4_0 vs definition: %d scale and %d value mismatches of %zu blocks\n", d_mismatch, q_mismatch,
+              q.size());
+  CHECK(d_mismatch == 0);
+  CHECK(q_mismatch == 0);
+  CHECK(ref[5 * 3 + 1].q[9] == 15);  // the clamped entry is in the test
+  // What the layers read back: d (q - 8), with the library's widening.
+  const Mat<double> Wq = dora::dequantize<double>(dora::borrow<double>(q, 9, 96).weight);
+  double decode = 0.0, worst = 0.0;
+  for (Eigen::Index i = 0; i < 9; ++i)
+    for (Eigen::Index b = 0; b < 3; ++b) {
+      const ReferenceBlock& rb = ref[static_cast<std::size_t>(i * 3 + b)];
+      for (int j = 0; j < 32; ++j) decode = std::max(decode, std::abs(Wq(i, b * 32 + j) - rb.d * (rb.q[j] - 8)));
+      const double amax = W.row(i).segment(b * 32, 32).cwiseAbs().maxCoeff();
+      if (amax == 0.0) continue;
+      const double err =
+          (Wq.row(i).segment(b * 32, 32) - W.row(i).segment(b * 32, 32).cast<double>()).cwiseAbs().maxCoeff();
+      worst = std::max(worst, err / amax);
+    }
+  const double bound = 1.0 / 8 + std::ldexp(1.0, -11);
+  std::printf("storage: Q4_0 decoding vs d (q - 8): max |diff| %.3g; worst |w - w_q| / amax %.4g (bound %.4g)\n",
+              decode, worst, bound);
+  CHECK(decode == 0.0);
+  CHECK(worst <= bound);
+  CHECK(worst > 0.0625);  // the clamped entry: the bound is reached, not vacuous
+  CHECK(Wq.row(3).segment(32, 32).isZero(0.0));
+}
+
 TEMPLATE_TEST_CASE("A Linear layer on a stored W equals the layer on the W it encodes", "[storage]", dora::bfloat16,
-                   dora::float16, dora::BlockQ8_0) {
+                   dora::float16, dora::BlockQ8_0, dora::BlockQ4_0) {
   using Storage = TestType;
   // Several row and column tiles (512 x 512), partial ones, and enough W for the threaded split.
   const Eigen::Index d_out = 600, d_in = 1088, r = 8;
@@ -233,6 +299,8 @@ TEST_CASE("DoRA's norm on a stored W, in float, within the factored norm's bound
   };
   measure(dora::borrow<float>(wb.data(), d_out, d_in), "bf16");
   measure(dora::borrow_q8_0<float>(wq, d_out, d_in), "q8_0");
+  const std::vector<dora::BlockQ4_0> w4 = store<dora::BlockQ4_0>(W0);
+  measure(dora::borrow<float>(w4, d_out, d_in), "q4_0");
 }
 
 TEST_CASE("A row whose direction cancels is recomputed from the stored values", "[storage]") {
@@ -288,9 +356,112 @@ TEST_CASE("A convolution on a Q8_0 W equals the convolution on the W it encodes"
        rel_err(layer.grad_lora_B(), dense.grad_lora_B()), rel_err(layer.grad_magnitude(), dense.grad_magnitude())});
   std::printf("storage: DoRA Conv2d on a q8_0 W vs the dense conv: worst relative error %.2e\n", err);
   CHECK(err <= 1e-13);
-  // A grouped convolution keeps a native W (its products cut W into per-group views).
-  g.groups = 2;
-  CHECK_THROWS_WITH(dora::borrow_conv<double>(stored.data(), g), Catch::Contains("groups = 2 needs its weight stored"));
+}
+
+// Grouped: the products take each group's rows of the stored W in place, the grouped norm its
+// strided chunks (rows c, c + G, ...). A depthwise Conv1d on bf16 (in / groups x k = 3, no block
+// format fits) and a Conv2d with 2 groups on Q4_0 (in / groups x k = 32); exact and detached.
+TEMPLATE_TEST_CASE("A grouped convolution on a stored W equals the convolution on the W it encodes", "[storage]",
+                   dora::bfloat16, dora::BlockQ4_0) {
+  using Storage = TestType;
+  constexpr bool blocks = dora::detail::storage_block<Storage>() > 1;
+  dora::ConvGeometry g;
+  g.dims = blocks ? 2 : 1;
+  g.in_channels = blocks ? 16 : 6;
+  g.out_channels = blocks ? 8 : 12;
+  g.groups = blocks ? 2 : 6;
+  g.kernel = blocks ? std::array<Eigen::Index, 3>{2, 2, 1} : std::array<Eigen::Index, 3>{3, 1, 1};
+  g.stride = {1, 1, 1};
+  g.padding = {1, 0, 0};
+  g.dilation = {1, 1, 1};
+  g.input = blocks ? std::array<Eigen::Index, 3>{4, 3, 1} : std::array<Eigen::Index, 3>{7, 1, 1};
+  const Eigen::Index rows = g.out_channels, cols = g.weight_cols(), r = blocks ? 4 : 6;  // B: out x r / groups
+  const std::vector<Storage> stored = dora::encode_weight<Storage>(random_matrix<float>(rows, cols, 31));
+  const Vec<double> b = random_vector<double>(rows, 32);
+  const dora::ConvBase<double, Storage> sbase = dora::borrow_conv<double>(stored.data(), g, b.data());
+  const Mat<double> W = dora::dequantize<double>(sbase.lowered.weight);
+  const Mat<double> A = random_matrix<double>(r, g.in_channels * g.kernel_volume(), 33, 0.3);
+  const Mat<double> B = random_matrix<double>(rows, r / g.groups, 34, 0.3);
+  const Mat<double> x = random_matrix<double>(3, g.in_channels * g.input_volume(), 35);
+  double worst = 0.0;
+  for (dora::NormGradient mode : {dora::NormGradient::exact, dora::NormGradient::detached}) {
+    dora::AdapterConfig c;
+    c.rank = r;
+    c.norm_gradient = mode;
+    dora::DoraConv<double, Storage> layer(sbase, c, A, B);
+    dora::DoraConv<double> dense(dora::borrow_conv(W, b, g), c, A, B);
+    dora::LoraConv<double, Storage> lora(sbase, c, A, B);
+    dora::LoraConv<double> lora_dense(dora::borrow_conv(W, b, g), c, A, B);
+    const Mat<double> y = layer.forward(x), y_ref = dense.forward(x);
+    const Mat<double> dy = random_matrix<double>(y.rows(), y.cols(), 36);
+    const Mat<double> dx = layer.backward(dy), dx_ref = dense.backward(dy);
+    worst = std::max(
+        {worst, rel_err(layer.magnitude(), dense.magnitude()), rel_err(y, y_ref), rel_err(dx, dx_ref),
+         rel_err(layer.grad_lora_A(), dense.grad_lora_A()), rel_err(layer.grad_lora_B(), dense.grad_lora_B()),
+         rel_err(layer.grad_magnitude(), dense.grad_magnitude()), rel_err(lora.forward(x), lora_dense.forward(x)),
+         rel_err(lora.backward(dy), lora_dense.backward(dy)), rel_err(lora.grad_lora_A(), lora_dense.grad_lora_A())});
+  }
+  std::printf("storage: grouped conv (groups %ld) on a %s W vs the dense conv: worst relative error %.2e\n",
+              static_cast<long>(g.groups), storage_name<Storage>(), worst);
+  CHECK(worst <= 1e-13);
+}
+
+// The embedding's norm runs over the table's columns: its products are P^T = A T (the table's
+// tiles walked by columns) and the exact gradient's G T^T (by rows), ||T_:,j||^2 the table's
+// column norms. 600 x 544: two row tiles, two column tiles, partial ones, threaded.
+TEMPLATE_TEST_CASE("An embedding on a stored table equals the embedding on the table it encodes", "[storage]",
+                   dora::bfloat16, dora::BlockQ4_0) {
+  using Storage = TestType;
+  const Eigen::Index V = 600, E = 544, r = 8, pad = 5;
+  const std::vector<Storage> stored = dora::encode_weight<Storage>(random_matrix<float>(V, E, 41));
+  dora::TokenIds ids(11);
+  ids << 0, 5, 17, 599, 5, 300, 511, 512, 17, 2, 450;
+  double worst = 0.0;
+  for (dora::NormGradient mode : {dora::NormGradient::exact, dora::NormGradient::detached}) {
+    const auto check = [&](auto scalar_tag, double tol) {
+      using S = decltype(scalar_tag);
+      const dora::EmbeddingBase<S, Storage> sbase = dora::borrow_embedding<S>(stored, V, E, pad);
+      const Mat<S> W = dora::dequantize<S>(sbase.weight);
+      const Mat<S> A = random_matrix<S>(r, V, 42, 0.3), B = random_matrix<S>(E, r, 43, 0.3);
+      dora::AdapterConfig c;
+      c.rank = r;
+      c.alpha = 16;
+      c.norm_gradient = mode;
+      dora::DoraEmbedding<S, Storage> layer(sbase, c, A, B);
+      dora::DoraEmbedding<S> dense(dora::borrow_embedding(W, pad), c, A, B);
+      dora::LoraEmbedding<S, Storage> lora(sbase, c, A, B);
+      dora::LoraEmbedding<S> lora_dense(dora::borrow_embedding(W, pad), c, A, B);
+      const Mat<S> dy = random_matrix<S>(ids.size(), E, 44);
+      const auto cmp = [&](const char* what, const auto& got, const auto& want) {
+        const double e = rel_err(got, want);
+        INFO(storage_name<Storage>() << " " << what << " relative error " << e);
+        CHECK(e <= tol);
+        worst = std::max(worst, e);
+      };
+      cmp("dora magnitude", layer.magnitude(), dense.magnitude());
+      cmp("dora y", layer.forward(ids), dense.forward(ids));
+      layer.backward_parameters(dy);
+      dense.backward_parameters(dy);
+      cmp("dora dA", layer.grad_lora_A(), dense.grad_lora_A());
+      cmp("dora dB", layer.grad_lora_B(), dense.grad_lora_B());
+      cmp("dora dm", layer.grad_magnitude(), dense.grad_magnitude());
+      cmp("lora y", lora.forward(ids), lora_dense.forward(ids));
+      lora.backward_parameters(dy);
+      lora_dense.backward_parameters(dy);
+      cmp("lora dA", lora.grad_lora_A(), lora_dense.grad_lora_A());
+      layer.prepare_inference();
+      dense.prepare_inference();
+      Mat<S> y(ids.size(), E), u;
+      layer.infer(ids, y, u);
+      cmp("dora infer", y, dense.forward(ids));
+      cmp("dora merge", layer.merge().weight, dense.merge().weight);
+      cmp("lora merge", lora.merged_weight(), lora_dense.merged_weight());
+    };
+    check(float{}, 1e-5);
+    check(double{}, 1e-13);
+  }
+  std::printf("storage: embedding on a %s table (600 x 544) vs the dense table: worst relative error %.2e\n",
+              storage_name<Storage>(), worst);
 }
 
 TEST_CASE("Stored weights: errors name what was wrong", "[storage]") {
@@ -302,6 +473,17 @@ TEST_CASE("Stored weights: errors name what was wrong", "[storage]") {
   const std::vector<dora::BlockQ8_0> q = dora::quantize_q8_0(random_matrix<float>(4, 64, 14));
   CHECK_THROWS_WITH(dora::borrow_q8_0<float>(q, 4, 96), Catch::Contains("needs 4 x 3 blocks"));
   CHECK_THROWS_WITH(dora::borrow<float>(q.data(), 4, 48), Catch::Contains("q8_0 weight needs d_in a multiple of 32"));
+  CHECK_THROWS_WITH(dora::quantize_q4_0(W), Catch::Contains("quantize_q4_0: W must have a positive multiple of 32"));
+  Mat<float> huge = random_matrix<float>(1, 32, 17);
+  huge(0, 3) = 1e9f;  // d = amax / 127 overflows a half
+  CHECK_THROWS_WITH(dora::quantize_q8_0(huge), Catch::Contains("the scale of row 0's block 0 overflows a half"));
+  CHECK_THROWS_WITH(dora::borrow_embedding<float>(q, 4, 96),
+                    Catch::Contains("q8_0 embedding table of 4 x 96 needs 4 x 3"));
+  const std::vector<dora::bfloat16> tb = dora::encode_weight<dora::bfloat16>(random_matrix<float>(4, 40, 18));
+  CHECK_THROWS_WITH(dora::borrow_embedding<float>(q.data(), 4, 40),
+                    Catch::Contains("q8_0 embedding table needs embedding_dim a multiple of 32, got 4 x 40"));
+  CHECK_THROWS_WITH(dora::borrow<float>(tb, 4, 41),
+                    Catch::Contains("bf16 weight of 4 x 41 needs 4 x 41 values, got 160"));
   const auto wb = dora::round_weight<dora::bfloat16>(random_matrix<float>(4, 8, 15));
   const Vec<float> bias = Vec<float>::Zero(5);
   CHECK_THROWS_WITH(dora::borrow<float>(wb, bias), Catch::Contains("bias has 5 entries but W has d_out = 4"));

@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <type_traits>
+#include <vector>
 
 #include "detail/check.hpp"
 #include "detail/eigen.hpp"
@@ -26,12 +27,12 @@ using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
 
 /// A borrowed view of a frozen linear layer: y = x W^T + b. Scalar is the type the layer computes
 /// in (and the bias's); Storage the type W is stored as: Scalar itself (an Eigen view of W), or
-/// bfloat16, float16 or BlockQ8_0 (a StoredWeight, storage.hpp: the products dequantize tiles).
+/// bfloat16, float16, BlockQ8_0 or BlockQ4_0 (a StoredWeight, storage.hpp: the products dequantize tiles).
 template <typename Scalar, typename Storage = Scalar>
 struct BaseLayer {
   static_assert(std::is_floating_point<Scalar>::value, "dora: Scalar must be float, double or long double");
   static_assert(std::is_same<Scalar, Storage>::value || detail::is_stored_format<Storage>(),
-                "dora: W is stored as the layer's Scalar, bfloat16, float16 or BlockQ8_0");
+                "dora: W is stored as the layer's Scalar, bfloat16, float16, BlockQ8_0 or BlockQ4_0");
   /// Whether W is stored as Scalar (an Eigen map) rather than in a narrower format.
   static constexpr bool kNative = std::is_same<Scalar, Storage>::value;
   using WeightMap =
@@ -40,7 +41,7 @@ struct BaseLayer {
   using BiasMap = Eigen::Map<const Vector<Scalar>>;
 
   /// View of d_out x d_in row-major data with the given row stride (in stored elements: values, or
-  /// blocks for Q8_0); bias may be null.
+  /// blocks for Q8_0, Q4_0); bias may be null.
   /// Precondition: weight points to at least (d_out - 1) * row_stride + d_in stored values,
   /// bias (if not null) to d_out elements.
   BaseLayer(const Storage* weight_data, Eigen::Index d_out, Eigen::Index d_in, Eigen::Index row_stride,
@@ -104,9 +105,9 @@ BaseLayer<Scalar> borrow(const Scalar* weight, Eigen::Index d_out, Eigen::Index 
   return BaseLayer<Scalar>(weight, d_out, d_in, d_in, bias);
 }
 
-/// Borrow a W stored as bf16, f16 or Q8_0 for a layer computing in Scalar, e.g. a tensor of a
+/// Borrow a W stored as bf16, f16, Q8_0 or Q4_0 for a layer computing in Scalar, e.g. a tensor of a
 /// memory-mapped checkpoint: `dora::borrow<float>(w_bf16, d_out, d_in)`. Nothing is copied or
-/// converted. For Q8_0, weight points to d_out x d_in / 32 blocks (storage.hpp).
+/// converted. For Q8_0 and Q4_0, weight points to d_out x d_in / 32 blocks (storage.hpp).
 template <typename Scalar, typename Storage, typename = std::enable_if_t<detail::is_stored_format<Storage>()>>
 BaseLayer<Scalar, Storage> borrow(const Storage* weight, Eigen::Index d_out, Eigen::Index d_in,
                                   const Scalar* bias = nullptr) {
@@ -128,16 +129,26 @@ BaseLayer<Scalar, Storage> borrow(const Eigen::Matrix<Storage, Eigen::Dynamic, E
 template <typename Scalar, typename Storage, typename = std::enable_if_t<detail::is_stored_format<Storage>()>>
 BaseLayer<Scalar, Storage> borrow(Eigen::Matrix<Storage, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>&&) = delete;
 
+/// Borrow W in any stored format as encode_weight (or quantize_q8_0, quantize_q4_0) returns it:
+/// d_out rows of d_in values (bf16, f16) or d_in / 32 blocks (Q8_0, Q4_0), with an optional bias.
+template <typename Scalar, typename Storage, typename = std::enable_if_t<detail::is_stored_format<Storage>()>>
+BaseLayer<Scalar, Storage> borrow(const std::vector<Storage>& stored, Eigen::Index d_out, Eigen::Index d_in,
+                                  const Scalar* bias = nullptr) {
+  constexpr Eigen::Index block = detail::StorageTraits<Storage>::block;
+  DORA_CHECK_ARG(d_out >= 1 && d_in >= 1 && d_in % block == 0 &&
+                     static_cast<std::size_t>(d_out) * static_cast<std::size_t>(d_in / block) == stored.size(),
+                 "a ", detail::storage_name<Storage>(), " weight of ", d_out, " x ", d_in, " needs ", d_out, " x ",
+                 d_in / block, block > 1 ? " blocks (d_in a multiple of 32)" : " values", ", got ", stored.size());
+  return BaseLayer<Scalar, Storage>(stored.data(), d_out, d_in, d_in / block, bias);
+}
+template <typename Scalar, typename Storage, typename = std::enable_if_t<detail::is_stored_format<Storage>()>>
+BaseLayer<Scalar, Storage> borrow(std::vector<Storage>&&, Eigen::Index, Eigen::Index, const Scalar* = nullptr) = delete;
+
 /// Borrow a Q8_0 weight made by quantize_q8_0 (d_out x d_in), with an optional bias.
 template <typename Scalar>
 BaseLayer<Scalar, BlockQ8_0> borrow_q8_0(const std::vector<BlockQ8_0>& blocks, Eigen::Index d_out, Eigen::Index d_in,
                                          const Scalar* bias = nullptr) {
-  DORA_CHECK_ARG(
-      d_in % BlockQ8_0::kSize == 0 &&
-          static_cast<std::size_t>(d_out) * static_cast<std::size_t>(d_in / BlockQ8_0::kSize) == blocks.size(),
-      "a Q8_0 weight of ", d_out, " x ", d_in, " needs ", d_out, " x ", d_in / BlockQ8_0::kSize,
-      " blocks (d_in a multiple of 32), got ", blocks.size(), " blocks");
-  return BaseLayer<Scalar, BlockQ8_0>(blocks.data(), d_out, d_in, d_in / BlockQ8_0::kSize, bias);
+  return borrow<Scalar>(blocks, d_out, d_in, bias);
 }
 template <typename Scalar>
 BaseLayer<Scalar, BlockQ8_0> borrow_q8_0(std::vector<BlockQ8_0>&&, Eigen::Index, Eigen::Index,

@@ -85,8 +85,8 @@ struct ConvGeometry {
 };
 
 /// A borrowed frozen convolution: the lowered view of W (out x in*k...) and the bias, and its shape.
-/// Storage: how W is stored (Scalar, or bfloat16 / float16 / BlockQ8_0: storage.hpp; a stored W
-/// needs groups = 1, and Q8_0 needs in k... a multiple of 32).
+/// Storage: how W is stored (Scalar, or bfloat16 / float16 / BlockQ8_0 / BlockQ4_0: storage.hpp; the
+/// block formats need in/groups x k... a multiple of 32).
 template <typename Scalar, typename Storage = Scalar>
 struct ConvBase {
   ConvBase(const Storage* weight, const ConvGeometry& geometry, const Scalar* bias)
@@ -100,12 +100,6 @@ struct ConvBase {
  private:
   static const Storage* check(const Storage* weight, const ConvGeometry& g) {
     g.validate();
-    // The grouped products cut W into per-group blocks of rows and the grouped norm into strided
-    // chunks (dora_core.hpp): both are written for an Eigen view of W.
-    constexpr bool native = std::is_same<Scalar, Storage>::value;
-    DORA_CHECK_ARG(native || g.groups == 1, "a convolution with groups = ", g.groups,
-                   " needs its weight stored as the layer's Scalar (a ", detail::storage_name<Storage>(),
-                   " weight is supported for groups = 1)");
     return weight;
   }
 };
@@ -332,7 +326,7 @@ class ConvAdapter : public Dense<Derived, Scalar, Storage> {
 
 }  // namespace detail
 
-/// Storage: how W is stored (Scalar, or bfloat16 / float16 / BlockQ8_0 with groups = 1).
+/// Storage: how W is stored (Scalar, or bfloat16 / float16 / BlockQ8_0 / BlockQ4_0: storage.hpp).
 template <typename Scalar, typename Storage = Scalar>
 class LoraConv : public detail::ConvAdapter<LoraConv<Scalar, Storage>, Scalar, detail::DenseLora, Storage> {
   using Base = detail::ConvAdapter<LoraConv<Scalar, Storage>, Scalar, detail::DenseLora, Storage>;
@@ -351,7 +345,7 @@ class LoraConv : public detail::ConvAdapter<LoraConv<Scalar, Storage>, Scalar, d
       : Base(base, config, A, B) {}
 };
 
-/// Storage: how W is stored (Scalar, or bfloat16 / float16 / BlockQ8_0 with groups = 1).
+/// Storage: how W is stored (Scalar, or bfloat16 / float16 / BlockQ8_0 / BlockQ4_0: storage.hpp).
 template <typename Scalar, typename Storage = Scalar>
 class DoraConv : public detail::ConvAdapter<DoraConv<Scalar, Storage>, Scalar, detail::DenseDora, Storage> {
   using Base = detail::ConvAdapter<DoraConv<Scalar, Storage>, Scalar, detail::DenseDora, Storage>;

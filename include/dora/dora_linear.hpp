@@ -214,7 +214,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagn
 
 }  // namespace detail
 
-/// Storage: how W is stored (Scalar, or bfloat16 / float16 / BlockQ8_0: storage.hpp).
+/// Storage: how W is stored (Scalar, or bfloat16 / float16 / BlockQ8_0 / BlockQ4_0: storage.hpp).
 template <typename Scalar, typename Storage = Scalar>
 class DoraLinear : public detail::DenseDora<DoraLinear<Scalar, Storage>, Scalar, Storage> {
   using Base = detail::DenseDora<DoraLinear<Scalar, Storage>, Scalar, Storage>;

@@ -18,9 +18,11 @@
 /// of A through the lookup (the forward reads that row like any other). Initialisation follows
 /// PEFT's rule for embeddings: A = 0, B ~ N(0, 1).
 
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "detail/adapter.hpp"
 #include "detail/dora_core.hpp"
@@ -31,21 +33,25 @@ namespace dora {
 using TokenIds = Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>;
 
 /// A borrowed view of a frozen embedding table W (num_embeddings x embedding_dim, row-major).
-template <typename Scalar>
+/// Storage: how the table is stored: Scalar (an Eigen view), or bfloat16 / float16 / BlockQ8_0 /
+/// BlockQ4_0 (a StoredWeight: rows are dequantized as the lookup reads them, and the norm's products
+/// with the table run over dequantized tiles; the block formats need embedding_dim a multiple of 32).
+template <typename Scalar, typename Storage = Scalar>
 struct EmbeddingBase {
   static_assert(std::is_floating_point<Scalar>::value, "dora: Scalar must be float, double or long double");
-  using WeightMap = Eigen::Map<const Matrix<Scalar>, Eigen::Unaligned, Eigen::OuterStride<>>;
+  static_assert(std::is_same<Scalar, Storage>::value || detail::is_stored_format<Storage>(),
+                "dora: the table is stored as the layer's Scalar, bfloat16, float16, BlockQ8_0 or BlockQ4_0");
+  static constexpr bool kNative = std::is_same<Scalar, Storage>::value;
+  using WeightMap =
+      std::conditional_t<kNative, Eigen::Map<const Matrix<Scalar>, Eigen::Unaligned, Eigen::OuterStride<>>,
+                         StoredWeight<Storage>>;
 
   /// padding_idx: the id whose column of A gets no gradient through the lookup (torch's
   /// nn.Embedding padding_idx; a negative value counts from the end, as in torch); no_padding: none.
-  EmbeddingBase(const Scalar* weight_data, Eigen::Index num_embeddings, Eigen::Index embedding_dim,
+  /// row_stride counts stored elements (values, or blocks for Q8_0 and Q4_0).
+  EmbeddingBase(const Storage* weight_data, Eigen::Index num_embeddings, Eigen::Index embedding_dim,
                 Eigen::Index row_stride, Eigen::Index padding_idx)
-      : weight(weight_data, num_embeddings, embedding_dim, Eigen::OuterStride<>(row_stride)) {
-    DORA_CHECK_ARG(weight_data != nullptr, "embedding table data is null");
-    DORA_CHECK_ARG(num_embeddings >= 1 && embedding_dim >= 1, "embedding table must be non-empty, got ", num_embeddings,
-                   " x ", embedding_dim);
-    DORA_CHECK_ARG(row_stride >= embedding_dim, "embedding table row stride ", row_stride,
-                   " is less than embedding_dim ", embedding_dim);
+      : weight(make_weight(weight_data, num_embeddings, embedding_dim, row_stride)) {
     if (padding_idx != no_padding) {
       DORA_CHECK_ARG(padding_idx >= -num_embeddings && padding_idx < num_embeddings, "padding_idx ", padding_idx,
                      " is outside [-num_embeddings, num_embeddings) = [", -num_embeddings, ", ", num_embeddings, ")");
@@ -56,10 +62,35 @@ struct EmbeddingBase {
   Eigen::Index num_embeddings() const { return weight.rows(); }
   Eigen::Index embedding_dim() const { return weight.cols(); }
   bool has_padding_idx() const { return padding_idx != no_padding; }
+  /// Bytes of the stored table (row padding excluded).
+  std::size_t weight_bytes() const {
+    if constexpr (kNative)
+      return static_cast<std::size_t>(weight.rows()) * static_cast<std::size_t>(weight.cols()) * sizeof(Scalar);
+    else
+      return weight.bytes();
+  }
 
   static constexpr Eigen::Index no_padding = std::numeric_limits<Eigen::Index>::min();
   WeightMap weight;                       ///< W, num_embeddings x embedding_dim
   Eigen::Index padding_idx = no_padding;  ///< in [0, num_embeddings), or no_padding
+
+ private:
+  static WeightMap make_weight(const Storage* data, Eigen::Index num_embeddings, Eigen::Index embedding_dim,
+                               Eigen::Index row_stride) {
+    constexpr Eigen::Index block = detail::storage_block<Storage>();
+    DORA_CHECK_ARG(data != nullptr, "embedding table data is null");
+    DORA_CHECK_ARG(num_embeddings >= 1 && embedding_dim >= 1, "embedding table must be non-empty, got ", num_embeddings,
+                   " x ", embedding_dim);
+    DORA_CHECK_ARG(embedding_dim % block == 0, "a ", detail::storage_name<Storage>(),
+                   " embedding table needs embedding_dim a multiple of ", block, ", got ", num_embeddings, " x ",
+                   embedding_dim);
+    DORA_CHECK_ARG(row_stride >= embedding_dim / block, "embedding table row stride ", row_stride,
+                   " is less than embedding_dim ", embedding_dim, block > 1 ? " / 32" : "");
+    if constexpr (kNative)
+      return WeightMap(data, num_embeddings, embedding_dim, Eigen::OuterStride<>(row_stride));
+    else
+      return WeightMap(data, num_embeddings, embedding_dim, row_stride);
+  }
 };
 
 /// Borrow a table (no padding_idx). It must outlive the adapter (BaseLayer's lifetime rule).
@@ -76,6 +107,33 @@ EmbeddingBase<Scalar> borrow_embedding(const Scalar* weight, Eigen::Index num_em
                                        Eigen::Index padding_idx = EmbeddingBase<Scalar>::no_padding) {
   return EmbeddingBase<Scalar>(weight, num_embeddings, embedding_dim, embedding_dim, padding_idx);
 }
+/// Borrow a table stored as bf16, f16, Q8_0 or Q4_0 for a layer computing in Scalar, e.g. a
+/// memory-mapped checkpoint's bf16 tensor: `borrow_embedding<float>(table_bf16, V, E)`. For the block
+/// formats, weight points to num_embeddings x embedding_dim / 32 blocks. Nothing is copied.
+template <typename Scalar, typename Storage, typename = std::enable_if_t<detail::is_stored_format<Storage>()>>
+EmbeddingBase<Scalar, Storage> borrow_embedding(const Storage* weight, Eigen::Index num_embeddings,
+                                                Eigen::Index embedding_dim,
+                                                Eigen::Index padding_idx = EmbeddingBase<Scalar>::no_padding) {
+  return EmbeddingBase<Scalar, Storage>(weight, num_embeddings, embedding_dim,
+                                        embedding_dim / detail::storage_block<Storage>(), padding_idx);
+}
+/// Borrow a table as encode_weight returns it.
+template <typename Scalar, typename Storage, typename = std::enable_if_t<detail::is_stored_format<Storage>()>>
+EmbeddingBase<Scalar, Storage> borrow_embedding(const std::vector<Storage>& stored, Eigen::Index num_embeddings,
+                                                Eigen::Index embedding_dim,
+                                                Eigen::Index padding_idx = EmbeddingBase<Scalar>::no_padding) {
+  constexpr Eigen::Index block = detail::storage_block<Storage>();
+  DORA_CHECK_ARG(
+      num_embeddings >= 1 && embedding_dim >= 1 && embedding_dim % block == 0 &&
+          static_cast<std::size_t>(num_embeddings) * static_cast<std::size_t>(embedding_dim / block) == stored.size(),
+      "a ", detail::storage_name<Storage>(), " embedding table of ", num_embeddings, " x ", embedding_dim, " needs ",
+      num_embeddings, " x ", embedding_dim / block, block > 1 ? " blocks (embedding_dim a multiple of 32)" : " values",
+      ", got ", stored.size());
+  return borrow_embedding<Scalar>(stored.data(), num_embeddings, embedding_dim, padding_idx);
+}
+template <typename Scalar, typename Storage, typename = std::enable_if_t<detail::is_stored_format<Storage>()>>
+EmbeddingBase<Scalar, Storage> borrow_embedding(std::vector<Storage>&&, Eigen::Index, Eigen::Index,
+                                                Eigen::Index = 0) = delete;
 
 namespace detail {
 
@@ -84,7 +142,7 @@ inline constexpr FactorSpec kEmbeddingFactors{
     "embedding_dim",    "(no input gradient)"};
 
 /// What LoRA and DoRA embeddings share: the lookup, the saved ids and u = A^T[ids], the scatter-add.
-template <typename Derived, typename Scalar>
+template <typename Derived, typename Scalar, typename Storage>
 class EmbeddingAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const TokenIds>> {
   using Base = Adapter<Derived, Scalar, Eigen::Ref<const TokenIds>>;
   friend Base;
@@ -94,16 +152,16 @@ class EmbeddingAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const TokenI
   using Index = Eigen::Index;
   using InferWorkspace = MatrixType;
 
-  const EmbeddingBase<Scalar>& base() const { return base_; }
+  const EmbeddingBase<Scalar, Storage>& base() const { return base_; }
   Index num_embeddings() const { return base_.num_embeddings(); }
   Index embedding_dim() const { return base_.embedding_dim(); }
 
  protected:
   static constexpr bool kHasInputGradient = false;
 
-  EmbeddingAdapter(const EmbeddingBase<Scalar>& base, const AdapterConfig& config)
+  EmbeddingAdapter(const EmbeddingBase<Scalar, Storage>& base, const AdapterConfig& config)
       : Base(kEmbeddingFactors, base.num_embeddings(), base.embedding_dim(), config), base_(base) {}
-  EmbeddingAdapter(const EmbeddingBase<Scalar>& base, const AdapterConfig& config,
+  EmbeddingAdapter(const EmbeddingBase<Scalar, Storage>& base, const AdapterConfig& config,
                    const Eigen::Ref<const MatrixType>& A, const Eigen::Ref<const MatrixType>& B)
       : Base(kEmbeddingFactors, base.num_embeddings(), base.embedding_dim(), config, A, B), base_(base) {}
 
@@ -129,7 +187,10 @@ class EmbeddingAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const TokenI
   /// y = W[ids] + s u B^T (the undecorated lookup: LoRA's output, DoRA's h).
   template <typename Out>
   void lookup(const Eigen::Ref<const TokenIds>& ids, const MatrixType& u, Out& y) const {
-    for (Index t = 0; t < ids.rows(); ++t) y.row(t) = base_.weight.row(static_cast<Index>(ids[t]));
+    for (Index t = 0; t < ids.rows(); ++t) {
+      typename Out::RowXpr row = y.row(t);
+      weight_row(base_.weight, static_cast<Index>(ids[t]), row);
+    }
     y.noalias() += this->scaling_ * u * this->B_.transpose();
   }
 
@@ -151,17 +212,18 @@ class EmbeddingAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const TokenI
     }
   }
 
-  EmbeddingBase<Scalar> base_;
+  EmbeddingBase<Scalar, Storage> base_;
   TokenIds ids_;
   MatrixType u_, du_;
 };
 
 }  // namespace detail
 
-template <typename Scalar>
-class LoraEmbedding : public detail::EmbeddingAdapter<LoraEmbedding<Scalar>, Scalar> {
-  using Base = detail::EmbeddingAdapter<LoraEmbedding<Scalar>, Scalar>;
-  friend class detail::Adapter<LoraEmbedding<Scalar>, Scalar, Eigen::Ref<const TokenIds>>;
+/// Storage: how the table is stored (Scalar, or bfloat16 / float16 / BlockQ8_0 / BlockQ4_0).
+template <typename Scalar, typename Storage = Scalar>
+class LoraEmbedding : public detail::EmbeddingAdapter<LoraEmbedding<Scalar, Storage>, Scalar, Storage> {
+  using Base = detail::EmbeddingAdapter<LoraEmbedding<Scalar, Storage>, Scalar, Storage>;
+  friend class detail::Adapter<LoraEmbedding<Scalar, Storage>, Scalar, Eigen::Ref<const TokenIds>>;
 
  public:
   using MatrixType = Matrix<Scalar>;
@@ -170,10 +232,10 @@ class LoraEmbedding : public detail::EmbeddingAdapter<LoraEmbedding<Scalar>, Sca
   using Base::infer;
 
   /// A = 0, B ~ N(0, 1) (PEFT's embedding initialisation). Borrows base.
-  LoraEmbedding(const EmbeddingBase<Scalar>& base, const AdapterConfig& config) : Base(base, config) {}
+  LoraEmbedding(const EmbeddingBase<Scalar, Storage>& base, const AdapterConfig& config) : Base(base, config) {}
   /// Starts from the given A (r x num_embeddings) and B (embedding_dim x r).
-  LoraEmbedding(const EmbeddingBase<Scalar>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
-                const Eigen::Ref<const MatrixType>& B)
+  LoraEmbedding(const EmbeddingBase<Scalar, Storage>& base, const AdapterConfig& config,
+                const Eigen::Ref<const MatrixType>& A, const Eigen::Ref<const MatrixType>& B)
       : Base(base, config, A, B) {}
 
   /// y_t = W[i_t] + s A^T[i_t] B^T; y is N x embedding_dim.
@@ -192,7 +254,7 @@ class LoraEmbedding : public detail::EmbeddingAdapter<LoraEmbedding<Scalar>, Sca
 
   /// W' = W + s (B A)^T (PEFT merge), num_embeddings x embedding_dim.
   MatrixType merged_weight() const {
-    MatrixType merged = this->base_.weight;
+    MatrixType merged = detail::weight_dense<Scalar>(this->base_.weight);
     merged.noalias() += this->scaling_ * (this->B_ * this->A_).transpose();
     return merged;
   }
@@ -216,12 +278,13 @@ class LoraEmbedding : public detail::EmbeddingAdapter<LoraEmbedding<Scalar>, Sca
   }
 };
 
-template <typename Scalar>
-class DoraEmbedding : public detail::EmbeddingAdapter<DoraEmbedding<Scalar>, Scalar>,
-                      public detail::DoraMagnitude<DoraEmbedding<Scalar>, Scalar> {
-  using Base = detail::EmbeddingAdapter<DoraEmbedding<Scalar>, Scalar>;
-  using Magnitude = detail::DoraMagnitude<DoraEmbedding<Scalar>, Scalar>;
-  friend class detail::Adapter<DoraEmbedding<Scalar>, Scalar, Eigen::Ref<const TokenIds>>;
+/// Storage: how the table is stored (Scalar, or bfloat16 / float16 / BlockQ8_0 / BlockQ4_0).
+template <typename Scalar, typename Storage = Scalar>
+class DoraEmbedding : public detail::EmbeddingAdapter<DoraEmbedding<Scalar, Storage>, Scalar, Storage>,
+                      public detail::DoraMagnitude<DoraEmbedding<Scalar, Storage>, Scalar> {
+  using Base = detail::EmbeddingAdapter<DoraEmbedding<Scalar, Storage>, Scalar, Storage>;
+  using Magnitude = detail::DoraMagnitude<DoraEmbedding<Scalar, Storage>, Scalar>;
+  friend class detail::Adapter<DoraEmbedding<Scalar, Storage>, Scalar, Eigen::Ref<const TokenIds>>;
   friend Magnitude;
 
  public:
@@ -232,12 +295,12 @@ class DoraEmbedding : public detail::EmbeddingAdapter<DoraEmbedding<Scalar>, Sca
   using Base::infer;
 
   /// A = 0, B ~ N(0, 1), m = n (the layer starts equal to the base table).
-  DoraEmbedding(const EmbeddingBase<Scalar>& base, const AdapterConfig& config) : Base(base, config) {
+  DoraEmbedding(const EmbeddingBase<Scalar, Storage>& base, const AdapterConfig& config) : Base(base, config) {
     this->setup_magnitude();
   }
   /// Starts from the given A and B; m = n (PEFT's magnitude initialisation).
-  DoraEmbedding(const EmbeddingBase<Scalar>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
-                const Eigen::Ref<const MatrixType>& B)
+  DoraEmbedding(const EmbeddingBase<Scalar, Storage>& base, const AdapterConfig& config,
+                const Eigen::Ref<const MatrixType>& A, const Eigen::Ref<const MatrixType>& B)
       : Base(base, config, A, B) {
     this->setup_magnitude();
   }
@@ -266,7 +329,7 @@ class DoraEmbedding : public detail::EmbeddingAdapter<DoraEmbedding<Scalar>, Sca
   DoraMerge<Scalar> merge() const {
     DoraMerge<Scalar> out;
     this->merge_scales(out);
-    out.weight = this->base_.weight;
+    out.weight = detail::weight_dense<Scalar>(this->base_.weight);
     out.weight.noalias() += this->scaling_ * (this->B_ * this->A_).transpose();
     out.weight = out.weight * out.scale.asDiagonal();
     return out;
@@ -296,8 +359,14 @@ class DoraEmbedding : public detail::EmbeddingAdapter<DoraEmbedding<Scalar>, Sca
   using Magnitude::zero_extra_grad;
 
   /// The lowered map's W: the transposed table (embedding_dim x num_embeddings), a view.
-  Eigen::Transpose<const typename EmbeddingBase<Scalar>::WeightMap> lowered_weight() const {
-    return this->base_.weight.transpose();
+  using WeightMap = typename EmbeddingBase<Scalar, Storage>::WeightMap;
+  std::conditional_t<EmbeddingBase<Scalar, Storage>::kNative, Eigen::Transpose<const WeightMap>,
+                     detail::TransposedStored<Storage>>
+  lowered_weight() const {
+    if constexpr (EmbeddingBase<Scalar, Storage>::kNative)
+      return this->base_.weight.transpose();
+    else
+      return detail::TransposedStored<Storage>{this->base_.weight};
   }
 
   void backward_impl(const Eigen::Ref<const MatrixType>& G, Eigen::Ref<MatrixType>*) {

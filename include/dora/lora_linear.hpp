@@ -82,7 +82,7 @@ class DenseLora : public DenseAdapter<Derived, Scalar, Storage> {
 
 }  // namespace detail
 
-/// Storage: how W is stored (Scalar, or bfloat16 / float16 / BlockQ8_0: storage.hpp).
+/// Storage: how W is stored (Scalar, or bfloat16 / float16 / BlockQ8_0 / BlockQ4_0: storage.hpp).
 template <typename Scalar, typename Storage = Scalar>
 class LoraLinear : public detail::DenseLora<LoraLinear<Scalar, Storage>, Scalar, Storage> {
   using Base = detail::DenseLora<LoraLinear<Scalar, Storage>, Scalar, Storage>;

@@ -1,7 +1,7 @@
 #pragma once
 /// \file storage.hpp
 /// Frozen weights stored in a narrower type than the layer computes in: bfloat16, float16, or
-/// GGML's 8-bit block format Q8_0. The layer borrows the stored W as it is (a memory-mapped
+/// GGML's block formats Q8_0 (8 bits) and Q4_0 (4 bits). The layer borrows the stored W as it is (a memory-mapped
 /// checkpoint's bf16 tensor, a quantized buffer) and never forms a dense dequantized copy: its
 /// products with W dequantize one tile of rows at a time into a small per-thread buffer
 /// (detail/stored_product.hpp), and ||W_i||^2 is taken once from the stored values.
@@ -13,6 +13,14 @@
 /// amax = max |w_j|, d = amax / 127, q_j = round(w_j / d) to nearest with ties away from zero
 /// (std::round), 0 when amax = 0; d is then stored rounded to half. So |w_j - d q_j| <=
 /// d / 2 + 127 |d - half(d)| <= amax (1/254 + 2^-11 127/127) per entry.
+///
+/// Q4_0 (GGML's `block_q4_0`): blocks of 32 entries too, 18 bytes: a half scale d, then 16 bytes
+/// whose low nibbles hold q_0..q_15 and high nibbles q_16..q_31 (unsigned, 0..15), encoding
+/// w_j = d (q_j - 8). Quantizing (quantize_q4_0, GGML's quantize_row_q4_0_ref): per block, the
+/// entry of largest magnitude, max (its sign kept), gives d = max / -8; q_j = min(15, trunc(w_j / d
+/// + 8.5)). So max itself is exact (q = 0) and the range [-8, 7] d is used in full on its side; an
+/// entry of the other sign within amax/16 of -max clamps to q = 15. Per entry |w_j - half(d) (q_j - 8)|
+/// <= amax / 16 + 8 |d - half(d)|, and <= amax / 8 + ... for the clamped ones: <= amax (1/8 + 2^-11).
 
 #include <algorithm>
 #include <cmath>
@@ -36,6 +44,15 @@ struct BlockQ8_0 {
   std::int8_t q[kSize];
 };
 static_assert(sizeof(BlockQ8_0) == 34, "BlockQ8_0 must have GGML's 34-byte layout");
+
+/// One GGML Q4_0 block: 32 weights w_j = d * (q_j - 8), q_j in 0..15, two to a byte (q_j in the
+/// low nibble of qs[j], q_{j+16} in its high nibble). Binary layout as GGML's block_q4_0 (18 bytes).
+struct BlockQ4_0 {
+  static constexpr int kSize = 32;
+  float16 d;
+  std::uint8_t qs[kSize / 2];
+};
+static_assert(sizeof(BlockQ4_0) == 18, "BlockQ4_0 must have GGML's 18-byte layout");
 static_assert(sizeof(bfloat16) == 2 && sizeof(float16) == 2, "Eigen's 16-bit types must be 2 bytes");
 
 namespace detail {
@@ -103,10 +120,29 @@ struct StorageTraits<BlockQ8_0> {
   }
 };
 
+template <>
+struct StorageTraits<BlockQ4_0> {
+  static constexpr const char* name = "q4_0";
+  static constexpr Eigen::Index block = BlockQ4_0::kSize;
+  template <typename Scalar>
+  static void dequantize(const BlockQ4_0* src, Eigen::Index blocks, Scalar* dst) {
+    // d has 11 significant bits and q - 8 four: every product is exact in float.
+    constexpr int half = BlockQ4_0::kSize / 2;
+    for (Eigen::Index b = 0; b < blocks; ++b) {
+      const Scalar d = static_cast<Scalar>(static_cast<float>(src[b].d));
+      Scalar* out = dst + b * BlockQ4_0::kSize;
+      for (int j = 0; j < half; ++j) {
+        out[j] = d * static_cast<Scalar>(static_cast<int>(src[b].qs[j] & 0x0f) - 8);
+        out[j + half] = d * static_cast<Scalar>(static_cast<int>(src[b].qs[j] >> 4) - 8);
+      }
+    }
+  }
+};
+
 template <typename Storage>
 constexpr bool is_stored_format() {
   return std::is_same<Storage, bfloat16>::value || std::is_same<Storage, float16>::value ||
-         std::is_same<Storage, BlockQ8_0>::value;
+         std::is_same<Storage, BlockQ8_0>::value || std::is_same<Storage, BlockQ4_0>::value;
 }
 
 /// The format's name for messages ("bf16", ...; the compute type's for a W stored as it).
@@ -130,10 +166,11 @@ constexpr Eigen::Index storage_block() {
 }  // namespace detail
 
 /// A borrowed d_out x d_in weight in a stored format: row i starts at data + i * row_stride
-/// (row_stride counted in stored elements: values for bf16/f16, blocks for Q8_0).
+/// (row_stride counted in stored elements: values for bf16/f16, blocks for Q8_0 and Q4_0).
 template <typename Storage>
 struct StoredWeight {
-  static_assert(detail::is_stored_format<Storage>(), "dora: stored weights are bfloat16, float16 or BlockQ8_0");
+  static_assert(detail::is_stored_format<Storage>(),
+                "dora: stored weights are bfloat16, float16, BlockQ8_0 or BlockQ4_0");
   using Traits = detail::StorageTraits<Storage>;
 
   StoredWeight(const Storage* data_, Eigen::Index d_out, Eigen::Index d_in, Eigen::Index row_stride_)
@@ -162,6 +199,15 @@ struct StoredWeight {
       Traits::dequantize(data + (row + i) * row_stride + col / Traits::block, cols / Traits::block, dst + i * ld);
   }
 
+  /// Rows [begin, begin + count), in place.
+  StoredWeight middle_rows(Eigen::Index begin, Eigen::Index count) const {
+    return StoredWeight(data + begin * row_stride, count, cols_, row_stride);
+  }
+  /// Rows first, first + step, first + 2 step, ... (count of them), in place.
+  StoredWeight strided_rows(Eigen::Index first, Eigen::Index step, Eigen::Index count) const {
+    return StoredWeight(data + first * row_stride, count, cols_, step * row_stride);
+  }
+
   const Storage* data;
 
  private:
@@ -175,36 +221,90 @@ struct StoredWeight {
 template <typename Storage, typename Derived>
 Eigen::Matrix<Storage, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> round_weight(
     const Eigen::MatrixBase<Derived>& W) {
-  static_assert(std::is_same<Storage, bfloat16>::value || std::is_same<Storage, float16>::value,
-                "dora: round_weight makes bf16 or f16; use quantize_q8_0 for Q8_0");
+  static_assert(
+      std::is_same<Storage, bfloat16>::value || std::is_same<Storage, float16>::value,
+      "dora: round_weight makes bf16 or f16; quantize_q8_0 / quantize_q4_0 (or encode_weight) the block formats");
   return W.template cast<float>().template cast<Storage>();
 }
+
+namespace detail {
+/// Quantizes W block by block: quantize(x, block) fills one block from 32 floats.
+template <typename Block, typename Derived, typename QuantizeBlock>
+std::vector<Block> quantize_blocks(const Eigen::MatrixBase<Derived>& W, const char* what, QuantizeBlock&& quantize) {
+  const Eigen::Index d_out = W.rows(), d_in = W.cols(), per_row = d_in / Block::kSize;
+  DORA_CHECK_ARG(d_in % Block::kSize == 0 && d_in > 0 && d_out > 0, what, ": W must have a positive multiple of ",
+                 Block::kSize, " columns, got ", d_out, " x ", d_in);
+  std::vector<Block> out(static_cast<std::size_t>(d_out * per_row));
+  float x[Block::kSize];
+  for (Eigen::Index i = 0; i < d_out; ++i) {
+    for (Eigen::Index b = 0; b < per_row; ++b) {
+      for (int j = 0; j < Block::kSize; ++j) {
+        x[j] = static_cast<float>(W(i, b * Block::kSize + j));
+        DORA_CHECK_ARG(std::isfinite(x[j]), what, ": W(", i, ", ", b * Block::kSize + j, ") is not finite");
+      }
+      Block& block = out[static_cast<std::size_t>(i * per_row + b)];
+      quantize(x, block);
+      DORA_CHECK_ARG(std::isfinite(static_cast<float>(block.d)), what, ": the scale of row ", i, "'s block ", b,
+                     " overflows a half (the block's largest |w| is too large for this format)");
+    }
+  }
+  return out;
+}
+}  // namespace detail
 
 /// Quantizes W (d_out x d_in, d_in a multiple of 32) to Q8_0 as GGML's quantize_row_q8_0_ref does
 /// (see the file comment); rows follow each other, d_in / 32 blocks each.
 template <typename Derived>
 std::vector<BlockQ8_0> quantize_q8_0(const Eigen::MatrixBase<Derived>& W) {
-  const Eigen::Index d_out = W.rows(), d_in = W.cols(), per_row = d_in / BlockQ8_0::kSize;
-  DORA_CHECK_ARG(d_in % BlockQ8_0::kSize == 0 && d_in > 0 && d_out > 0,
-                 "quantize_q8_0: W must have a positive multiple of 32 columns, got ", d_out, " x ", d_in);
-  std::vector<BlockQ8_0> out(static_cast<std::size_t>(d_out * per_row));
-  for (Eigen::Index i = 0; i < d_out; ++i) {
-    for (Eigen::Index b = 0; b < per_row; ++b) {
-      float amax = 0.0f;
-      for (int j = 0; j < BlockQ8_0::kSize; ++j) {
-        const float w = static_cast<float>(W(i, b * BlockQ8_0::kSize + j));
-        DORA_CHECK_ARG(std::isfinite(w), "quantize_q8_0: W(", i, ", ", b * BlockQ8_0::kSize + j, ") is not finite");
-        amax = std::max(amax, std::abs(w));
+  return detail::quantize_blocks<BlockQ8_0>(W, "quantize_q8_0", [](const float* x, BlockQ8_0& block) {
+    float amax = 0.0f;
+    for (int j = 0; j < BlockQ8_0::kSize; ++j) amax = std::max(amax, std::abs(x[j]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    block.d = float16(d);
+    for (int j = 0; j < BlockQ8_0::kSize; ++j) block.q[j] = static_cast<std::int8_t>(std::round(x[j] * id));
+  });
+}
+
+/// Quantizes W (d_out x d_in, d_in a multiple of 32) to Q4_0 as GGML's quantize_row_q4_0_ref does
+/// (see the file comment); rows follow each other, d_in / 32 blocks each.
+template <typename Derived>
+std::vector<BlockQ4_0> quantize_q4_0(const Eigen::MatrixBase<Derived>& W) {
+  return detail::quantize_blocks<BlockQ4_0>(W, "quantize_q4_0", [](const float* x, BlockQ4_0& block) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < BlockQ4_0::kSize; ++j) {
+      if (amax < std::abs(x[j])) {
+        amax = std::abs(x[j]);
+        max = x[j];
       }
-      const float d = amax / 127.0f;
-      const float id = d != 0.0f ? 1.0f / d : 0.0f;
-      BlockQ8_0& block = out[static_cast<std::size_t>(i * per_row + b)];
-      block.d = float16(d);
-      for (int j = 0; j < BlockQ8_0::kSize; ++j)
-        block.q[j] = static_cast<std::int8_t>(std::round(static_cast<float>(W(i, b * BlockQ8_0::kSize + j)) * id));
     }
+    const float d = max / -8.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    block.d = float16(d);
+    constexpr int half = BlockQ4_0::kSize / 2;
+    for (int j = 0; j < half; ++j) {
+      // GGML truncates toward zero (a C cast) after adding 8.5: round half up on [0, 16], then clamps.
+      const float x0 = x[j] * id, x1 = x[j + half] * id;
+      const int lo = std::min(15, static_cast<int>(static_cast<std::int8_t>(x0 + 8.5f)));
+      const int hi = std::min(15, static_cast<int>(static_cast<std::int8_t>(x1 + 8.5f)));
+      block.qs[j] = static_cast<std::uint8_t>(lo | (hi << 4));
+    }
+  });
+}
+
+/// W in any stored format, rows following each other: bf16 / f16 rounded to nearest even, Q8_0 and
+/// Q4_0 quantized as GGML does. Borrow the result with borrow<Scalar>(stored, d_out, d_in).
+template <typename Storage, typename Derived>
+std::vector<Storage> encode_weight(const Eigen::MatrixBase<Derived>& W) {
+  static_assert(detail::is_stored_format<Storage>(), "dora: encode_weight makes bf16, f16, Q8_0 or Q4_0");
+  if constexpr (std::is_same<Storage, BlockQ8_0>::value) {
+    return quantize_q8_0(W);
+  } else if constexpr (std::is_same<Storage, BlockQ4_0>::value) {
+    return quantize_q4_0(W);
+  } else {
+    const Eigen::Matrix<Storage, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> rounded = round_weight<Storage>(W);
+    return std::vector<Storage>(rounded.data(), rounded.data() + rounded.size());
   }
-  return out;
 }
 
 /// The dense W a stored weight encodes (tests and merging only: the size of W in Scalar).

@@ -104,10 +104,12 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
       frozen_product(X, base_.weight, Y);
       return;
     }
-    if constexpr (BaseType::kNative) {  // only convolutions are grouped, and their W is native
-      const Index o = base_.d_out() / this->groups_, c = base_.d_in();
-      for (Index g = 0; g < this->groups_; ++g)
+    const Index o = base_.d_out() / this->groups_, c = base_.d_in();
+    for (Index g = 0; g < this->groups_; ++g) {
+      if constexpr (BaseType::kNative)
         Y.middleCols(g * o, o).noalias() = X.middleCols(g * c, c) * base_.weight.middleRows(g * o, o).transpose();
+      else
+        split_product(X.middleCols(g * c, c), base_.weight.middle_rows(g * o, o), Y.middleCols(g * o, o));
     }
   }
   /// dX = G W, overwritten (grouped: block g of dX's columns from block g of G's).
@@ -117,10 +119,12 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
       split_adjoint_product(G, base_.weight, dX);
       return;
     }
-    if constexpr (BaseType::kNative) {
-      const Index o = base_.d_out() / this->groups_, c = base_.d_in();
-      for (Index g = 0; g < this->groups_; ++g)
+    const Index o = base_.d_out() / this->groups_, c = base_.d_in();
+    for (Index g = 0; g < this->groups_; ++g) {
+      if constexpr (BaseType::kNative)
         dX.middleCols(g * c, c).noalias() = G.middleCols(g * o, o) * base_.weight.middleRows(g * o, o);
+      else
+        stored_adjoint(G.middleCols(g * o, o), base_.weight.middle_rows(g * o, o), dX.middleCols(g * c, c), false);
     }
   }
   /// y += b (rows spread over threads); nothing without a bias.

@@ -230,7 +230,8 @@ class DoraMagnitude {
         grad_Bp.row(j) += (s * beta_n_[o]) * ((s * BK.row(j) + Qc_.col(j).transpose()) / n_div_[o]);
         Qc_.col(j) = (s * beta_n_[o]) * (Bp_.row(j).transpose() / n_div_[o]);
       }
-      grad_A.middleCols(c * cin, cin).noalias() += Qc_ * chunk_weight(c);
+      typename Eigen::Ref<MatrixType>::ColsBlockXpr grad_Ac = grad_A.middleCols(c * cin, cin);
+      weight_adjoint_add(Qc_, chunk_weight(c), grad_Ac);
       Kb_.noalias() = Qc_ * Bp_;
       grad_A.middleCols(c * cin, cin).noalias() += s * Kb_ * chunk.A;
     }
@@ -250,18 +251,20 @@ class DoraMagnitude {
     VectorType w_sq, n;
   };
   using StridedRows = Eigen::Map<const MatrixType, Eigen::Unaligned, Eigen::OuterStride<>>;
-  // Whether the layer's lowered W is a strided map (dense layers) that a grouped norm can cut into
-  // chunks; the embedding's transposed table is not, and never grouped.
+  // Whether the layer's lowered W is one whose rows a grouped norm can take in strided chunks in
+  // place: a strided map (a dense W) or a stored W; the embedding's transposed table is neither, and
+  // never grouped.
   static constexpr bool groupable() {
-    return std::is_same<std::decay_t<decltype(std::declval<const Derived&>().lowered_weight())>, StridedRows>::value;
+    using Lowered = std::decay_t<decltype(std::declval<const Derived&>().lowered_weight())>;
+    return std::is_same<Lowered, StridedRows>::value || is_stored_weight<Lowered>::value;
   }
 
-  // Rows c, c + G, c + 2G, ... of the lowered W, in place.
-  StridedRows chunk_weight(Index c) const {
-    const typename BaseLayer<Scalar>::WeightMap& W = self().lowered_weight();
+  // Rows c, c + G, c + 2G, ... of the lowered W, in place (a strided map, or a stored W's view).
+  template <typename D = Derived>
+  auto chunk_weight(Index c) const {
     const Index G = norm_groups_;
-    return StridedRows(W.data() + c * W.outerStride(), W.rows() / G, W.cols(),
-                       Eigen::OuterStride<>(G * W.outerStride()));
+    return weight_strided_rows(static_cast<const D&>(*this).lowered_weight(), c, G,
+                               static_cast<const D&>(*this).lowered_weight().rows() / G);
   }
 
   // n for groups > 1 (see the file comment); the workspaces keep their sizes, so a training loop

@@ -13,6 +13,7 @@
 /// is as large as a per-thread buffer should be; Eigen repacks it per block of W's rows too.
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../storage.hpp"
@@ -59,28 +60,47 @@ inline int stored_threads(Eigen::Index entries, Eigen::Index extent) {
   return blas_threads_itself() ? 1 : product_threads(entries, extent);
 }
 
-/// Y = X W^T (overwritten) for a stored W.
-template <typename DX, typename Storage, typename DY>
-void split_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>& W, DY&& Y) {
-  using Scalar = typename DX::Scalar;
+/// The tile walk every product with a stored W shares. The threads split W's rows (over_rows: the
+/// products whose output columns are W's rows, Y = X W^T) or its columns (dX = G W), a block each;
+/// each thread walks its block tile by tile, dequantizing each tile once into its buffer, and calls
+/// use(r0, rows, c0, cols, tile, first) with first = the first tile of its output columns.
+template <typename Scalar, typename Storage, typename Use>
+void walk_tiles(const StoredWeight<Storage>& W, bool over_rows, Use&& use) {
   using Index = Eigen::Index;
   const Index d_out = W.rows(), d_in = W.cols();
   const Index tc = std::min<Index>(kTileCols, d_in);  // a multiple of the block size, or all of d_in
-  for_blocks(d_out, stored_threads(d_out * d_in, d_out), 16, [&](Index begin, Index end) {
+  const Index extent = over_rows ? d_out : d_in;
+  const Index align = over_rows ? 16 : std::max<Index>(16, StorageTraits<Storage>::block);
+  const Index outer_tile = over_rows ? kTileRows : tc, inner_tile = over_rows ? tc : kTileRows;
+  const Index inner_extent = over_rows ? d_in : d_out;
+  for_blocks(extent, stored_threads(d_out * d_in, extent), align, [&](Index begin, Index end) {
     Scalar* buffer = tile_buffer<Scalar>(kTileRows * tc);
-    for (Index r0 = begin; r0 < end; r0 += kTileRows) {
-      const Index rows = std::min<Index>(kTileRows, end - r0);
-      for (Index c0 = 0; c0 < d_in; c0 += tc) {
-        const Index cols = std::min<Index>(tc, d_in - c0);
+    for (Index o0 = begin; o0 < end; o0 += outer_tile) {
+      const Index outer = std::min<Index>(outer_tile, end - o0);
+      for (Index i0 = 0; i0 < inner_extent; i0 += inner_tile) {
+        const Index inner = std::min<Index>(inner_tile, inner_extent - i0);
+        const Index r0 = over_rows ? o0 : i0, rows = over_rows ? outer : inner;
+        const Index c0 = over_rows ? i0 : o0, cols = over_rows ? inner : outer;
         W.dequantize(r0, rows, c0, cols, buffer, cols);
         const Eigen::Map<const Matrix<Scalar>> tile(buffer, rows, cols);
-        if (c0 == 0)
-          Y.middleCols(r0, rows).noalias() = X.middleCols(c0, cols) * tile.transpose();
-        else
-          Y.middleCols(r0, rows).noalias() += X.middleCols(c0, cols) * tile.transpose();
+        use(r0, rows, c0, cols, tile, i0 == 0);
       }
     }
   });
+}
+
+/// Y = X W^T (accumulate: Y += X W^T) for a stored W.
+template <typename DX, typename Storage, typename DY>
+void split_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>& W, DY&& Y, bool accumulate = false) {
+  using Index = Eigen::Index;
+  walk_tiles<typename DX::Scalar>(W, true,
+                                  [&](Index r0, Index rows, Index c0, Index cols,
+                                      const Eigen::Map<const Matrix<typename DX::Scalar>>& tile, bool first) {
+                                    if (first && !accumulate)
+                                      Y.middleCols(r0, rows).noalias() = X.middleCols(c0, cols) * tile.transpose();
+                                    else
+                                      Y.middleCols(r0, rows).noalias() += X.middleCols(c0, cols) * tile.transpose();
+                                  });
 }
 
 /// The evaluation path's Y = X W^T for a stored W. Up to kSmallBatch rows of X (single-token
@@ -110,25 +130,15 @@ void frozen_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>&
 /// dX = G W (accumulate: dX += G W) for a stored W.
 template <typename DG, typename Storage, typename DX>
 void stored_adjoint(const Eigen::MatrixBase<DG>& G, const StoredWeight<Storage>& W, DX&& dX, bool accumulate) {
-  using Scalar = typename DG::Scalar;
   using Index = Eigen::Index;
-  const Index d_out = W.rows(), d_in = W.cols();
-  const Index align = std::max<Index>(16, StorageTraits<Storage>::block);
-  for_blocks(d_in, stored_threads(d_out * d_in, d_in), align, [&](Index begin, Index end) {
-    Scalar* buffer = tile_buffer<Scalar>(kTileRows * kTileCols);
-    for (Index c0 = begin; c0 < end; c0 += kTileCols) {
-      const Index cols = std::min<Index>(kTileCols, end - c0);
-      for (Index r0 = 0; r0 < d_out; r0 += kTileRows) {
-        const Index rows = std::min<Index>(kTileRows, d_out - r0);
-        W.dequantize(r0, rows, c0, cols, buffer, cols);
-        const Eigen::Map<const Matrix<Scalar>> tile(buffer, rows, cols);
-        if (r0 == 0 && !accumulate)
-          dX.middleCols(c0, cols).noalias() = G.middleCols(r0, rows) * tile;
-        else
-          dX.middleCols(c0, cols).noalias() += G.middleCols(r0, rows) * tile;
-      }
-    }
-  });
+  walk_tiles<typename DG::Scalar>(W, false,
+                                  [&](Index r0, Index rows, Index c0, Index cols,
+                                      const Eigen::Map<const Matrix<typename DG::Scalar>>& tile, bool first) {
+                                    if (first && !accumulate)
+                                      dX.middleCols(c0, cols).noalias() = G.middleCols(r0, rows) * tile;
+                                    else
+                                      dX.middleCols(c0, cols).noalias() += G.middleCols(r0, rows) * tile;
+                                  });
 }
 
 template <typename DG, typename Storage, typename DX>
@@ -184,6 +194,75 @@ Vector<Scalar> weight_row_squared_norms(const StoredWeight<Storage>& W) {
       out[i] = Eigen::Map<const Vector<Scalar>>(row, d_in).squaredNorm();
     }
   });
+  return out;
+}
+
+/// Rows first, first + step, ... (count of them) of W, in place (a grouped convolution's norm chunk).
+template <typename Scalar>
+Eigen::Map<const Matrix<Scalar>, Eigen::Unaligned, Eigen::OuterStride<>> weight_strided_rows(
+    const Eigen::Map<const Matrix<Scalar>, Eigen::Unaligned, Eigen::OuterStride<>>& W, Eigen::Index first,
+    Eigen::Index step, Eigen::Index count) {
+  return Eigen::Map<const Matrix<Scalar>, Eigen::Unaligned, Eigen::OuterStride<>>(
+      W.data() + first * W.outerStride(), count, W.cols(), Eigen::OuterStride<>(step * W.outerStride()));
+}
+template <typename Storage>
+StoredWeight<Storage> weight_strided_rows(const StoredWeight<Storage>& W, Eigen::Index first, Eigen::Index step,
+                                          Eigen::Index count) {
+  return W.strided_rows(first, step, count);
+}
+
+template <typename T>
+struct is_stored_weight : std::false_type {};
+template <typename Storage>
+struct is_stored_weight<StoredWeight<Storage>> : std::true_type {};
+
+/// A stored table read as its transpose: an embedding's lowered W (embedding_dim x num_embeddings)
+/// when the table (num_embeddings x embedding_dim) is stored. Its products are the table's own
+/// tiled products the other way round, so the table is never transposed or widened either.
+template <typename Storage>
+struct TransposedStored {
+  StoredWeight<Storage> table;
+  Eigen::Index rows() const { return table.cols(); }
+  Eigen::Index cols() const { return table.rows(); }
+};
+
+/// Y = X T^T = X table.
+template <typename DX, typename Storage, typename DY>
+void weight_product(const Eigen::MatrixBase<DX>& X, const TransposedStored<Storage>& T, DY& Y) {
+  stored_adjoint(X, T.table, Y, false);
+}
+/// dX += G T = G table^T.
+template <typename DG, typename Storage, typename DX>
+void weight_adjoint_add(const Eigen::MatrixBase<DG>& G, const TransposedStored<Storage>& T, DX& dX) {
+  split_product(G, T.table, dX, true);
+}
+/// v = T_j, column j of the table: the block holding column j, dequantized row by row.
+template <typename Storage, typename DV>
+void weight_row(const TransposedStored<Storage>& T, Eigen::Index j, DV& v) {
+  using Scalar = typename DV::Scalar;
+  constexpr Eigen::Index block = StorageTraits<Storage>::block;
+  Scalar values[block];
+  const Eigen::Index c0 = j / block * block;
+  for (Eigen::Index i = 0; i < T.table.rows(); ++i) {
+    T.table.dequantize(i, 1, c0, block, values, block);
+    v[i] = values[j - c0];
+  }
+}
+/// ||T_j||^2 for every row of T: the table's column norms, the threads a block of columns each.
+template <typename Scalar, typename Storage>
+Vector<Scalar> weight_row_squared_norms(const TransposedStored<Storage>& T) {
+  const StoredWeight<Storage>& table = T.table;
+  Vector<Scalar> out = Vector<Scalar>::Zero(table.cols());
+  const Eigen::Index align = std::max<Eigen::Index>(16, StorageTraits<Storage>::block);
+  for_blocks(table.cols(), stored_threads(table.rows() * table.cols(), table.cols()), align,
+             [&](Eigen::Index begin, Eigen::Index end) {
+               const Eigen::Index width = end - begin;
+               Scalar* row = tile_buffer<Scalar>(width);
+               for (Eigen::Index i = 0; i < table.rows(); ++i) {
+                 table.dequantize(i, 1, begin, width, row, width);
+                 out.segment(begin, width).array() += Eigen::Map<const Vector<Scalar>>(row, width).array().square();
+               }
+             });
   return out;
 }
 

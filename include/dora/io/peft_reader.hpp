@@ -198,27 +198,27 @@ class PeftAdapter {
   }
 
   /// LoRA layer on `base` (d_out x d_in) with the module's A and B. Throws if the module is DoRA.
-  template <typename Scalar>
-  LoraLinear<Scalar> make_lora(const std::string& path, const BaseLayer<Scalar>& base) const {
+  template <typename Scalar, typename Storage>
+  LoraLinear<Scalar, Storage> make_lora(const std::string& path, const BaseLayer<Scalar, Storage>& base) const {
     const PeftModule& m = module(path);
     require_linear(m, "make_lora");
     if (m.use_dora) detail::peft_fail(weights_file_, "module '" + path + "' is DoRA: use make_dora()");
     check_base_shape(m, base.d_out(), base.d_in(), false, "<base layer>", m.weight_name());
     const PeftModuleWeights<Scalar> w = weights<Scalar>(m);
-    LoraLinear<Scalar> layer(base, m.adapter_config(), w.A, w.B);
+    LoraLinear<Scalar, Storage> layer(base, m.adapter_config(), w.A, w.B);
     layer.eval();
     return layer;
   }
 
   /// DoRA layer on `base` with the module's A, B and the stored magnitude (not recomputed).
-  template <typename Scalar>
-  DoraLinear<Scalar> make_dora(const std::string& path, const BaseLayer<Scalar>& base) const {
+  template <typename Scalar, typename Storage>
+  DoraLinear<Scalar, Storage> make_dora(const std::string& path, const BaseLayer<Scalar, Storage>& base) const {
     const PeftModule& m = module(path);
     require_linear(m, "make_dora");
     if (!m.use_dora) detail::peft_fail(weights_file_, "module '" + path + "' is LoRA (no magnitude): use make_lora()");
     check_base_shape(m, base.d_out(), base.d_in(), false, "<base layer>", m.weight_name());
     const PeftModuleWeights<Scalar> w = weights<Scalar>(m);
-    DoraLinear<Scalar> layer(base, m.adapter_config(), w.A, w.B);
+    DoraLinear<Scalar, Storage> layer(base, m.adapter_config(), w.A, w.B);
     layer.set_magnitude(w.magnitude);
     layer.eval();
     return layer;
@@ -228,26 +228,28 @@ class PeftAdapter {
   /// lora_embedding_A [r, num_embeddings] and lora_embedding_B [embedding_dim, r] need), with the
   /// module's A and B. Throws PeftError if the module is not an Embedding one, is DoRA, or the
   /// table's shape does not fit (naming the module and both shapes).
-  template <typename Scalar>
-  LoraEmbedding<Scalar> make_lora_embedding(const std::string& path, const EmbeddingBase<Scalar>& base) const {
+  template <typename Scalar, typename Storage>
+  LoraEmbedding<Scalar, Storage> make_lora_embedding(const std::string& path,
+                                                     const EmbeddingBase<Scalar, Storage>& base) const {
     const PeftModule& m = module(path);
     require_kind(m, ModuleKind::embedding, "make_lora_embedding", false);
     check_base_tensor(m, {base.num_embeddings(), base.embedding_dim()}, false, "<base embedding>", m.weight_name());
     const PeftModuleWeights<Scalar> w = weights<Scalar>(m);
-    LoraEmbedding<Scalar> layer(base, m.adapter_config(), w.A, w.B);
+    LoraEmbedding<Scalar, Storage> layer(base, m.adapter_config(), w.A, w.B);
     layer.eval();
     return layer;
   }
 
   /// DoRA layer on an embedding table with the module's A, B and the stored magnitude (one per
   /// embedding dimension, not recomputed).
-  template <typename Scalar>
-  DoraEmbedding<Scalar> make_dora_embedding(const std::string& path, const EmbeddingBase<Scalar>& base) const {
+  template <typename Scalar, typename Storage>
+  DoraEmbedding<Scalar, Storage> make_dora_embedding(const std::string& path,
+                                                     const EmbeddingBase<Scalar, Storage>& base) const {
     const PeftModule& m = module(path);
     require_kind(m, ModuleKind::embedding, "make_dora_embedding", true);
     check_base_tensor(m, {base.num_embeddings(), base.embedding_dim()}, false, "<base embedding>", m.weight_name());
     const PeftModuleWeights<Scalar> w = weights<Scalar>(m);
-    DoraEmbedding<Scalar> layer(base, m.adapter_config(), w.A, w.B);
+    DoraEmbedding<Scalar, Storage> layer(base, m.adapter_config(), w.A, w.B);
     layer.set_magnitude(w.magnitude);
     layer.eval();
     return layer;
@@ -259,26 +261,26 @@ class PeftAdapter {
   /// Stride, padding and dilation are the base's. Throws PeftError if the module is not a Conv one,
   /// is DoRA, or the base's shape or groups do not fit (naming the module and both). A grouped
   /// layer trains and evaluates but cannot be merged (as in PEFT).
-  template <typename Scalar>
-  LoraConv<Scalar> make_lora_conv(const std::string& path, const ConvBase<Scalar>& base) const {
+  template <typename Scalar, typename Storage>
+  LoraConv<Scalar, Storage> make_lora_conv(const std::string& path, const ConvBase<Scalar, Storage>& base) const {
     const PeftModule& m = module(path);
     require_kind(m, ModuleKind::conv, "make_lora_conv", false);
     check_conv_base(m, base.geometry);
     const PeftModuleWeights<Scalar> w = weights<Scalar>(m);
-    LoraConv<Scalar> layer(base, m.adapter_config(), w.A, w.B);
+    LoraConv<Scalar, Storage> layer(base, m.adapter_config(), w.A, w.B);
     layer.eval();
     return layer;
   }
 
   /// DoRA layer on a convolution with the module's A, B and the stored magnitude (one per output
   /// channel; PEFT's [1, out, 1...] or [out]), not recomputed. Refuses what make_lora_conv refuses.
-  template <typename Scalar>
-  DoraConv<Scalar> make_dora_conv(const std::string& path, const ConvBase<Scalar>& base) const {
+  template <typename Scalar, typename Storage>
+  DoraConv<Scalar, Storage> make_dora_conv(const std::string& path, const ConvBase<Scalar, Storage>& base) const {
     const PeftModule& m = module(path);
     require_kind(m, ModuleKind::conv, "make_dora_conv", true);
     check_conv_base(m, base.geometry);
     const PeftModuleWeights<Scalar> w = weights<Scalar>(m);
-    DoraConv<Scalar> layer(base, m.adapter_config(), w.A, w.B);
+    DoraConv<Scalar, Storage> layer(base, m.adapter_config(), w.A, w.B);
     layer.set_magnitude(w.magnitude);
     layer.eval();
     return layer;

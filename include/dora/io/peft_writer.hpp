@@ -39,7 +39,7 @@ class PeftAdapterWriter {
   void set_base_model_name_or_path(std::string name) { base_model_ = std::move(name); }
 
   /// `path` is the module's name in the base model (its weight is `<path>.weight`). The adapter
-  /// does not depend on how W is stored (float, bf16, f16, Q8_0).
+  /// does not depend on how W is stored (float, bf16, f16, Q8_0, Q4_0).
   template <typename Scalar, typename Storage>
   void add(const std::string& path, const LoraLinear<Scalar, Storage>& layer) {
     add_entry(path, layer.config(), false, layer.lora_A().template cast<double>(),
@@ -54,12 +54,12 @@ class PeftAdapterWriter {
   /// An nn.Embedding module: the layer's A (r x num_embeddings), B (embedding_dim x r) and, for
   /// DoRA, its magnitude (embedding_dim), through add_embedding(). padding_idx is a property of
   /// the base nn.Embedding, not of the adapter, so it is not written.
-  template <typename Scalar>
-  void add(const std::string& path, const LoraEmbedding<Scalar>& layer) {
+  template <typename Scalar, typename Storage>
+  void add(const std::string& path, const LoraEmbedding<Scalar, Storage>& layer) {
     add_embedding(path, layer.config(), layer.lora_A().template cast<double>(), layer.lora_B().template cast<double>());
   }
-  template <typename Scalar>
-  void add(const std::string& path, const DoraEmbedding<Scalar>& layer) {
+  template <typename Scalar, typename Storage>
+  void add(const std::string& path, const DoraEmbedding<Scalar, Storage>& layer) {
     add_embedding(path, layer.config(), layer.lora_A().template cast<double>(), layer.lora_B().template cast<double>(),
                   layer.magnitude().template cast<double>());
   }
