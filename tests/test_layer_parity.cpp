@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "io_support.hpp"
 #include "test_support.hpp"
 
 using namespace dora_test;
@@ -20,12 +21,6 @@ using namespace dora_test;
 namespace {
 
 const std::string kDir = std::string(DORA_TEST_DATA_DIR) + "/layers";
-
-nlohmann::json read_json(const std::string& path) {
-  std::ifstream in(path);
-  REQUIRE(in.good());
-  return nlohmann::json::parse(in);
-}
 
 template <typename Scalar>
 void check_close(const std::string& what, const std::string& name, const Mat<Scalar>& ours, const Mat<Scalar>& peft,

@@ -36,6 +36,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "io_support.hpp"
 #include "test_support.hpp"
 
 using dora::io::Dtype;
@@ -45,6 +46,8 @@ using dora::io::SafetensorsReader;
 using dora::io::SafetensorsWriter;
 using dora::io::TensorInfo;
 using dora_test::rel_err;
+
+using namespace dora_test;
 
 namespace {
 
@@ -56,19 +59,6 @@ const std::string kData = std::string(DORA_TEST_DATA_DIR) + "/peft";
 bool exists(const std::string& p) {
   struct stat st;
   return ::stat(p.c_str(), &st) == 0;
-}
-
-std::vector<std::string> list_dir(const std::string& dir) {
-  std::vector<std::string> names;
-  DIR* d = ::opendir(dir.c_str());
-  if (d == nullptr) return names;
-  while (const dirent* e = ::readdir(d)) {
-    const std::string n = e->d_name;
-    if (n != "." && n != "..") names.push_back(n);
-  }
-  ::closedir(d);
-  std::sort(names.begin(), names.end());
-  return names;
 }
 
 void remove_tree(const std::string& p) {
@@ -94,23 +84,9 @@ struct TempDir {
   std::string operator/(const std::string& name) const { return path + "/" + name; }
 };
 
-std::vector<std::uint8_t> read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  REQUIRE(in.good());
-  return std::vector<std::uint8_t>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-void write_bytes(const std::string& path, const std::vector<std::uint8_t>& b) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
-}
 void write_text(const std::string& path, const std::string& s) {
   std::ofstream out(path, std::ios::binary);
   out << s;
-}
-nlohmann::json read_json(const std::string& path) {
-  std::ifstream in(path);
-  REQUIRE(in.good());
-  return nlohmann::json::parse(in);
 }
 
 void copy_adapter(const std::string& from, const std::string& to) {
@@ -189,15 +165,6 @@ void expect_merge_error(const std::string& base, const std::string& adapter, con
   INFO("error: " << msg);
   for (const std::string& n : needles) CHECK(msg.find(n) != std::string::npos);
   CHECK(list_dir(outdir.path).empty());
-}
-
-// File image with a given header text and data size.
-std::vector<std::uint8_t> make_file(const std::string& header, std::size_t data_size) {
-  std::vector<std::uint8_t> b(8 + header.size() + data_size, 0);
-  const std::uint64_t n = header.size();
-  std::memcpy(b.data(), &n, 8);
-  std::copy(header.begin(), header.end(), b.begin() + 8);
-  return b;
 }
 
 }  // namespace

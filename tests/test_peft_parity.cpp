@@ -16,17 +16,12 @@
 #include <string>
 #include <vector>
 
+#include "io_support.hpp"
 #include "test_support.hpp"
 
 using namespace dora_test;
 
 namespace {
-
-nlohmann::json read_json(const std::string& path) {
-  std::ifstream in(path);
-  REQUIRE(in.good());
-  return nlohmann::json::parse(in);
-}
 
 template <typename Scalar>
 void check_close(const char* what, const std::string& name, const Mat<Scalar>& ours, const Mat<Scalar>& peft,

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "dora/io/safetensors.hpp"
+#include "io_support.hpp"
 
 using dora::io::Dtype;
 using dora::io::SafetensorsError;
@@ -26,6 +27,8 @@ using dora::io::SafetensorsReader;
 using dora::io::SafetensorsStreamWriter;
 using dora::io::SafetensorsWriter;
 namespace detail = dora::io::detail;
+
+using namespace dora_test;
 
 namespace {
 
@@ -40,42 +43,9 @@ std::string make_temp_dir() {
   return d;
 }
 
-std::vector<std::string> list_dir(const std::string& dir) {
-  std::vector<std::string> names;
-  DIR* d = ::opendir(dir.c_str());
-  if (d == nullptr) return names;
-  while (const dirent* e = ::readdir(d)) {
-    const std::string n = e->d_name;
-    if (n != "." && n != "..") names.push_back(n);
-  }
-  ::closedir(d);
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
 void remove_dir(const std::string& dir) {
   for (const std::string& n : list_dir(dir)) std::remove((dir + "/" + n).c_str());
   ::rmdir(dir.c_str());
-}
-
-std::vector<std::uint8_t> read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::vector<std::uint8_t>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-void write_bytes(const std::string& path, const std::vector<std::uint8_t>& b) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
-}
-
-// A file image: 8-byte length, the header text as given, then `data_size` bytes of data.
-std::vector<std::uint8_t> make_file(const std::string& header, std::size_t data_size) {
-  // Sized once: growing an 8-byte vector trips GCC 12's -Warray-bounds/-Wnonnull false positives at -O3.
-  std::vector<std::uint8_t> b(8 + header.size() + data_size, 0);
-  const std::uint64_t n = header.size();
-  std::memcpy(b.data(), &n, 8);
-  std::copy(header.begin(), header.end(), b.begin() + 8);
-  return b;
 }
 
 std::string error_of(const std::vector<std::uint8_t>& bytes) {

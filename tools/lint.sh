@@ -7,7 +7,7 @@ mapfile -t sources < <(git ls-files 'include/*.hpp' 'tests/*.cpp' 'tests/*.hpp' 
 echo "lint: clang-format on ${#sources[@]} files"
 clang-format --dry-run --Werror "${sources[@]}"
 build=${1:-build-lint}
-cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_EXPORT_COMPILE_COMMANDS=ON -DDORA_BUILD_BENCH=ON >/dev/null
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_EXPORT_COMPILE_COMMANDS=ON -DDORA_BUILD_BENCH=ON -DDORA_TEST_UNITY=OFF >/dev/null
 # One translation unit per area: every library header is included by at least one of these.
 units=(examples/quickstart.cpp tools/dora_merge.cpp bench/memory.cpp tests/test_layers.cpp tests/test_edge_cases.cpp tests/test_layer_parity.cpp)
 echo "lint: clang-tidy on ${units[*]}"
