@@ -462,6 +462,19 @@ TEMPLATE_TEST_CASE("An embedding on a stored table equals the embedding on the t
   }
   std::printf("storage: embedding on a %s table (600 x 544) vs the dense table: worst relative error %.2e\n",
               storage_name<Storage>(), worst);
+  // A cancelling norm row of the lowered W is a column of the table, read block by block.
+  const dora::EmbeddingBase<double, Storage> base = dora::borrow_embedding<double>(stored, V, E);
+  const Mat<double> T = dora::dequantize<double>(base.weight);
+  const dora::detail::TransposedStored<Storage> lowered{base.weight};
+  Eigen::Matrix<double, 1, Eigen::Dynamic> column(V);
+  double column_err = 0.0;
+  for (Eigen::Index j : {Eigen::Index(0), Eigen::Index(31), Eigen::Index(33), Eigen::Index(543)}) {
+    dora::detail::weight_row(lowered, j, column);
+    column_err = std::max(column_err, (column.transpose() - T.col(j)).cwiseAbs().maxCoeff());
+  }
+  CHECK(column_err == 0.0);
+  const Vec<double> col_sq = dora::detail::weight_row_squared_norms<double>(lowered);
+  CHECK(rel_err(col_sq, Vec<double>(T.colwise().squaredNorm().transpose())) <= 1e-14);
 }
 
 TEST_CASE("Stored weights: errors name what was wrong", "[storage]") {
