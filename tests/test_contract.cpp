@@ -64,13 +64,15 @@ struct LinearFixture {
   };
 };
 
-// A Linear layer whose W is stored as bf16 or Q4_0 (storage.hpp): the same contract. W here is
+// A Linear layer whose W is stored as bf16, Q8_0 or Q4_0 (storage.hpp): the same contract. W here is
 // the values the stored weight encodes (so every reference computed from W is exact), and the
 // merged layer, being dense, is a plain LoraLinear.
 template <typename Storage>
 struct StoredLinearFixture {
-  [[maybe_unused]] static constexpr const char* name =
-      std::is_same<Storage, dora::bfloat16>::value ? "linear (bf16 W)" : "linear (q4_0 W)";
+  [[maybe_unused]] static constexpr const char* name = std::is_same<Storage, dora::bfloat16>::value ? "linear (bf16 W)"
+                                                       : std::is_same<Storage, dora::BlockQ8_0>::value
+                                                           ? "linear (q8_0 W)"
+                                                           : "linear (q4_0 W)";
   template <typename S>
   using Lora = dora::LoraLinear<S, Storage>;
   template <typename S>
@@ -80,7 +82,7 @@ struct StoredLinearFixture {
   template <typename S>
   struct For : FixtureDefaults {
     static constexpr bool has_dropout = true, has_input_grad = true;
-    static constexpr Eigen::Index excluded_A_column = -1, d_out = 7, d_in = 64;  // Q4_0: 2 blocks per row
+    static constexpr Eigen::Index excluded_A_column = -1, d_out = 7, d_in = 64;  // Q8_0/Q4_0: 2 blocks per row
     using Input = Mat<S>;
     std::vector<Storage> stored = dora::encode_weight<Storage>(random_matrix<double>(d_out, d_in, 11));
     Vec<S> b = random_vector<S>(d_out, 12);
@@ -410,9 +412,10 @@ void finite_differences(dora::NormGradient mode, double dropout, const char* lab
 // is compiled twice (tests/CMakeLists.txt), each binary taking half of the families, so the two
 // halves build in parallel: DORA_CONTRACT_PART 1 or 2 (and all families if it is not set).
 #if !defined(DORA_CONTRACT_PART) || DORA_CONTRACT_PART == 1
-#define DORA_CONTRACT_LAYERS_1                                                 \
-  DORA_CONTRACT_FAMILY(LinearFixture), DORA_CONTRACT_FAMILY(EmbeddingFixture), \
-      DORA_CONTRACT_FAMILY(StoredLinearFixture<dora::bfloat16>), DORA_CONTRACT_FAMILY(StoredConvFixture)
+#define DORA_CONTRACT_LAYERS_1                                                                            \
+  DORA_CONTRACT_FAMILY(LinearFixture), DORA_CONTRACT_FAMILY(EmbeddingFixture),                            \
+      DORA_CONTRACT_FAMILY(StoredLinearFixture<dora::bfloat16>), DORA_CONTRACT_FAMILY(StoredConvFixture), \
+      DORA_CONTRACT_FAMILY(StoredLinearFixture<dora::BlockQ8_0>)
 #endif
 #if !defined(DORA_CONTRACT_PART) || DORA_CONTRACT_PART == 2
 #define DORA_CONTRACT_LAYERS_2                                                 \
