@@ -77,32 +77,62 @@ void run(benchmark::State& st, Layer& layer, Problem& p, Pass pass) {
   }
 }
 
+// The frozen W as a benchmark stores it: the Problem's float W, or W encoded as bf16, f16, Q8_0 or
+// Q4_0 (storage.hpp; the layer computes in float and dequantizes tiles of W), the float W then freed
+// so that only the stored one is read.
+template <typename Storage>
+struct FrozenW {
+  static constexpr bool kNative = std::is_same<Storage, S>::value;
+  std::vector<Storage> values;
+  explicit FrozenW(Problem& p) {
+    if constexpr (!kNative) {
+      values = dora::encode_weight<Storage>(p.W);
+      p.W.resize(0, 0);
+    }
+  }
+  dora::BaseLayer<S, Storage> base(const Problem& p) const {
+    if constexpr (kNative)
+      return p.base();
+    else
+      return dora::borrow<S>(values, p.d_out, p.d_in, p.bias.data());
+  }
+};
+
+template <typename Storage = S>
 void base_impl(benchmark::State& st, Pass pass) {
   Problem p(st);
+  const FrozenW<Storage> frozen(p);
+  const dora::BaseLayer<S, Storage> base = frozen.base(p);
   // The frozen layer alone, with the products the layers use (detail/parallel.hpp: split over
   // threads by the layer above 8 rows), so that ratios to it measure the adapter's own work.
   for (auto _ : st) {
-    dora::detail::frozen_product(p.x, p.W, p.y);
+    dora::detail::frozen_product(p.x, base.weight, p.y);
     p.y.rowwise() += p.bias.transpose();
-    if (pass == Pass::Step) dora::detail::split_adjoint_product(p.dy, p.W, p.dx);
+    if (pass == Pass::Step) dora::detail::split_adjoint_product(p.dy, base.weight, p.dx);
     benchmark::DoNotOptimize(p.y.data());
     benchmark::DoNotOptimize(p.dx.data());
     benchmark::ClobberMemory();
   }
   finish(st, flops(st, pass, 0, false));
+  st.counters["weight_bytes"] = static_cast<double>(base.weight_bytes());
 }
 
+template <typename Storage = S>
 void lora_impl(benchmark::State& st, Pass pass) {
   Problem p(st);
-  dora::LoraLinear<S> layer(p.base(), p.config, p.A, p.B);
+  const FrozenW<Storage> frozen(p);
+  dora::LoraLinear<S, Storage> layer(frozen.base(p), p.config, p.A, p.B);
   run(st, layer, p, pass);
   finish(st, flops(st, pass, 0, true));
+  st.counters["weight_bytes"] = static_cast<double>(layer.base().weight_bytes());
 }
 
+template <typename Storage = S>
 void dora_impl(benchmark::State& st, Pass pass, dora::NormGradient mode, bool eval) {
   Problem p(st);
+  const FrozenW<Storage> frozen(p);
   p.config.norm_gradient = mode;
-  dora::DoraLinear<S> layer(p.base(), p.config, p.A, p.B);
+  dora::DoraLinear<S, Storage> layer(frozen.base(p), p.config, p.A, p.B);
   if (eval) layer.eval();
   run(st, layer, p, pass);
   // Rows the last norm computation recomputed directly (cancellation, overflow): a path that is
@@ -110,6 +140,7 @@ void dora_impl(benchmark::State& st, Pass pass, dora::NormGradient mode, bool ev
   st.counters["rows_recomputed"] = static_cast<double>(layer.rows_recomputed());
   const int norm_products = eval ? 0 : (mode == dora::NormGradient::exact && pass == Pass::Step ? 2 : 1);
   finish(st, flops(st, pass, norm_products, true));
+  st.counters["weight_bytes"] = static_cast<double>(layer.base().weight_bytes());
 }
 
 void dense_impl(benchmark::State& st, Pass pass) {
@@ -131,59 +162,20 @@ void BM_ForwardDoraExact(benchmark::State& st) { dora_impl(st, Pass::Forward, do
 void BM_ForwardDoraDense(benchmark::State& st) { dense_impl(st, Pass::Forward); }
 void BM_ForwardDoraEval(benchmark::State& st) { dora_impl(st, Pass::Forward, dora::NormGradient::detached, true); }
 
-// The frozen W stored as bf16, f16, Q8_0 or Q4_0 (storage.hpp; the layer computes in float and
-// dequantizes tiles of W). Names: BM_<Pass><Method>_<dtype>/...; compare with the same method's
-// float-base benchmark in the same run.
-template <typename Storage>
-struct StoredW {
-  std::vector<Storage> values;
-  explicit StoredW(const Mat& W) : values(dora::encode_weight<Storage>(W)) {}
-  dora::BaseLayer<S, Storage> base(const Problem& p) const {
-    return dora::borrow<S>(values.data(), p.d_out, p.d_in, p.bias.data());
+// The frozen W stored as bf16, f16, Q8_0 or Q4_0. Names: BM_<Pass><Method>_<dtype>/...; compare
+// with the same method's float-base benchmark in the same run.
+#define DORA_STORED_BENCHMARKS(dtype, Storage)                                           \
+  void BM_StepBase_##dtype(benchmark::State& st) { base_impl<Storage>(st, Pass::Step); } \
+  void BM_StepLora_##dtype(benchmark::State& st) { lora_impl<Storage>(st, Pass::Step); } \
+  void BM_StepDora_##dtype(benchmark::State& st) {                                       \
+    dora_impl<Storage>(st, Pass::Step, dora::NormGradient::detached, false);             \
+  }                                                                                      \
+  void BM_StepDoraExact_##dtype(benchmark::State& st) {                                  \
+    dora_impl<Storage>(st, Pass::Step, dora::NormGradient::exact, false);                \
+  }                                                                                      \
+  void BM_ForwardDoraEval_##dtype(benchmark::State& st) {                                \
+    dora_impl<Storage>(st, Pass::Forward, dora::NormGradient::detached, true);           \
   }
-};
-
-enum class Method { Base, Lora, Dora, DoraExact, DoraEval };
-
-template <typename Storage>
-void stored_impl(benchmark::State& st, Pass pass, Method method) {
-  Problem p(st);
-  const StoredW<Storage> stored(p.W);
-  p.W.resize(0, 0);  // only the stored W is read
-  const dora::BaseLayer<S, Storage> base = stored.base(p);
-  if (method == Method::Base) {
-    for (auto _ : st) {
-      dora::detail::frozen_product(p.x, base.weight, p.y);
-      p.y.rowwise() += p.bias.transpose();
-      if (pass == Pass::Step) dora::detail::split_adjoint_product(p.dy, base.weight, p.dx);
-      benchmark::DoNotOptimize(p.y.data());
-      benchmark::DoNotOptimize(p.dx.data());
-      benchmark::ClobberMemory();
-    }
-    finish(st, flops(st, pass, 0, false));
-  } else if (method == Method::Lora) {
-    dora::LoraLinear<S, Storage> layer(base, p.config, p.A, p.B);
-    run(st, layer, p, pass);
-    finish(st, flops(st, pass, 0, true));
-  } else {
-    p.config.norm_gradient = method == Method::DoraExact ? dora::NormGradient::exact : dora::NormGradient::detached;
-    dora::DoraLinear<S, Storage> layer(base, p.config, p.A, p.B);
-    if (method == Method::DoraEval) layer.eval();
-    run(st, layer, p, pass);
-    st.counters["rows_recomputed"] = static_cast<double>(layer.rows_recomputed());
-    const int norm_products =
-        method == Method::DoraEval ? 0 : (method == Method::DoraExact && pass == Pass::Step ? 2 : 1);
-    finish(st, flops(st, pass, norm_products, true));
-  }
-  st.counters["weight_bytes"] = static_cast<double>(base.weight_bytes());
-}
-
-#define DORA_STORED_BENCHMARKS(dtype, Storage)                                                                     \
-  void BM_StepBase_##dtype(benchmark::State& st) { stored_impl<Storage>(st, Pass::Step, Method::Base); }           \
-  void BM_StepLora_##dtype(benchmark::State& st) { stored_impl<Storage>(st, Pass::Step, Method::Lora); }           \
-  void BM_StepDora_##dtype(benchmark::State& st) { stored_impl<Storage>(st, Pass::Step, Method::Dora); }           \
-  void BM_StepDoraExact_##dtype(benchmark::State& st) { stored_impl<Storage>(st, Pass::Step, Method::DoraExact); } \
-  void BM_ForwardDoraEval_##dtype(benchmark::State& st) { stored_impl<Storage>(st, Pass::Forward, Method::DoraEval); }
 DORA_STORED_BENCHMARKS(bf16, dora::bfloat16)
 DORA_STORED_BENCHMARKS(f16, dora::float16)
 DORA_STORED_BENCHMARKS(q8, dora::BlockQ8_0)
