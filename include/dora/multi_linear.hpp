@@ -153,6 +153,44 @@ class MultiLinear {
     detail::weight_adjoint_add(G_, base_.weight, dx);
   }
 
+  /// Mixed batch (evaluation): row t of x goes through the adapter row_adapters[t] alone ("" or
+  /// "__base__": the base layer), as PEFT's forward(x, adapter_names=...) does for LoRA; a DoRA
+  /// row gets that adapter's own DoRA output (PEFT refuses DoRA here). One frozen product for the
+  /// whole batch, then each adapter's low-rank product over its rows.
+  void infer_mixed(const Eigen::Ref<const MatrixType>& x, const std::vector<std::string>& row_adapters,
+                   Eigen::Ref<MatrixType> y) const {
+    DORA_CHECK_ARG(x.cols() == base_.d_in(), "x must have d_in = ", base_.d_in(), " columns, got ", x.rows(), " x ",
+                   x.cols());
+    DORA_CHECK_ARG(static_cast<Index>(row_adapters.size()) == x.rows(), "row_adapters has ", row_adapters.size(),
+                   " names but x has ", x.rows(), " rows");
+    DORA_CHECK_ARG(y.rows() == x.rows() && y.cols() == base_.d_out(), "y must be N x d_out = ", x.rows(), " x ",
+                   base_.d_out(), ", got ", y.rows(), " x ", y.cols());
+    detail::frozen_product(x, base_.weight, y);
+    std::vector<std::vector<Index>> rows(adapters_.size());
+    for (std::size_t t = 0; t < row_adapters.size(); ++t) {
+      const std::string& n = row_adapters[t];
+      if (n.empty() || n == "__base__") continue;
+      const Index k = find(n);
+      DORA_CHECK_ARG(k >= 0, "row_adapters[", t, "] names no adapter: '", n, "'");
+      rows[static_cast<std::size_t>(k)].push_back(static_cast<Index>(t));
+    }
+    for (std::size_t k = 0; k < adapters_.size(); ++k) {
+      if (rows[k].empty()) continue;
+      const Adapter& a = adapters_[k];
+      const MatrixType xk = x(rows[k], Eigen::all);
+      MatrixType h = y(rows[k], Eigen::all);
+      h.noalias() += a.scaling * (xk * a.A.transpose()) * a.B.transpose();
+      if (a.dora) {
+        const VectorType n = norm_of(a);
+        VectorType g(n.size());
+        for (Index j = 0; j < n.size(); ++j) g[j] = magnitude_scale(a.m[j], n[j]);
+        h = h * g.asDiagonal();
+      }
+      y(rows[k], Eigen::all) = h;
+    }
+    if (base_.has_bias()) y.rowwise() += base_.bias.transpose();
+  }
+
   /// W merged with the active adapters in order, each DoRA adapter's norm from the base W (PEFT
   /// 0.21's merge_and_unload(adapter_names=...)): the stacked layer as one dense weight.
   MatrixType merged_weight() const {
