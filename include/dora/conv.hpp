@@ -220,6 +220,28 @@ void col2im(const ConvGeometry& g, const Matrix<Scalar>& cols, Out& dx) {
   });
 }
 
+/// y[n, o L + l] = Y[n L + l, o]: the lowered rows back into torch's (N, out, positions) layout.
+template <typename Scalar, typename Out>
+void fold_conv_output(const ConvGeometry& g, const Matrix<Scalar>& Y, Out&& y) {
+  using Index = Eigen::Index;
+  const Index L = g.output_volume();
+  parallel_rows(y.rows(), y.cols(), [&](Index begin, Index end) {
+    for (Index n = begin; n < end; ++n)
+      for (Index o = 0; o < g.out_channels; ++o) y.row(n).segment(o * L, L) = Y.col(o).segment(n * L, L).transpose();
+  });
+}
+/// The adjoint of fold_conv_output: dY[n L + l, o] = dy[n, o L + l] (dY resized).
+template <typename Scalar, typename In>
+void unfold_conv_grad(const ConvGeometry& g, const In& dy, Matrix<Scalar>& dY) {
+  using Index = Eigen::Index;
+  const Index N = dy.rows(), L = g.output_volume();
+  dY.resize(N * L, g.out_channels);
+  parallel_rows(N, dy.cols(), [&](Index begin, Index end) {
+    for (Index n = begin; n < end; ++n)
+      for (Index o = 0; o < g.out_channels; ++o) dY.col(o).segment(n * L, L) = dy.row(n).segment(o * L, L).transpose();
+  });
+}
+
 /// What LoRA and DoRA convolutions share: unfolding x, folding the output and dx, the dropout mask.
 /// Dense is DenseLora or DenseDora: the products on the unfolded input.
 template <typename Derived, typename Scalar, template <typename, typename, typename> class Dense,
@@ -254,7 +276,7 @@ class ConvAdapter : public Dense<Derived, Scalar, Storage> {
     }
     ycols_.resize(N * L, geometry_.out_channels);
     this->forward_lowered(cols_, mask, ycols_);
-    fold_output(ycols_, y);
+    fold_conv_output(geometry_, ycols_, y);
     conv_batch_ = N;
   }
 
@@ -265,7 +287,7 @@ class ConvAdapter : public Dense<Derived, Scalar, Storage> {
     im2col(geometry_, x, w.cols);
     w.y.resize(x.rows() * geometry_.output_volume(), geometry_.out_channels);
     this->infer_lowered(w.cols, w.y, w.u);
-    fold_output(w.y, y);
+    fold_conv_output(geometry_, w.y, y);
   }
 
   /// The mask of the last training forward with dropout, on x: entries 0 or 1/(1-p).
@@ -291,24 +313,8 @@ class ConvAdapter : public Dense<Derived, Scalar, Storage> {
     DORA_CHECK_ARG(!overlaps(x.data(), x.size(), y.data(), y.size()), "y must not share memory with x");
   }
 
-  // y[n, o L + l] = Y[n L + l, o]: the lowered rows back into torch's (N, out, positions) layout.
-  void fold_output(const MatrixType& Y, Eigen::Ref<MatrixType> y) const {
-    const Index L = geometry_.output_volume();
-    parallel_rows(y.rows(), y.cols(), [&](Index begin, Index end) {
-      for (Index n = begin; n < end; ++n)
-        for (Index o = 0; o < geometry_.out_channels; ++o)
-          y.row(n).segment(o * L, L) = Y.col(o).segment(n * L, L).transpose();
-    });
-  }
-
   void backward_impl(const Eigen::Ref<const MatrixType>& dy, Eigen::Ref<MatrixType>* dx) {
-    const Index N = conv_batch_, L = geometry_.output_volume();
-    dycols_.resize(N * L, geometry_.out_channels);
-    parallel_rows(N, dy.cols(), [&](Index begin, Index end) {
-      for (Index n = begin; n < end; ++n)
-        for (Index o = 0; o < geometry_.out_channels; ++o)
-          dycols_.col(o).segment(n * L, L) = dy.row(n).segment(o * L, L).transpose();
-    });
+    unfold_conv_grad(geometry_, dy, dycols_);
     if (dx == nullptr) {
       this->backward_lowered(dycols_, nullptr);
       return;

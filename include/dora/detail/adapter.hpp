@@ -59,6 +59,14 @@ struct FactorSpec {
   const char* x_cols;   ///< what the columns of x (and dx) are, for messages
 };
 
+/// Fills mask with 0 (probability p) or 1 / (1 - p) from rng (PEFT's nn.Dropout), in storage order.
+template <typename MaskMatrix>
+void draw_dropout(Rng& rng, double p, MaskMatrix& mask) {
+  using Scalar = typename MaskMatrix::Scalar;
+  const Scalar keep_scale = static_cast<Scalar>(1.0 / (1.0 - p));
+  for (Eigen::Index i = 0; i < mask.size(); ++i) mask.data()[i] = rng.uniform() < p ? Scalar(0) : keep_scale;
+}
+
 template <typename Derived, typename Scalar, typename InputRef>
 class Adapter {
  public:
@@ -217,9 +225,7 @@ class Adapter {
   /// Fills mask with 0 or 1 / (1 - p) from the layer's dropout stream (PEFT's nn.Dropout).
   template <typename MaskMatrix>
   void draw_dropout_mask(MaskMatrix& mask) {
-    const double p = config_.dropout;
-    const Scalar keep_scale = static_cast<Scalar>(1.0 / (1.0 - p));
-    for (Index i = 0; i < mask.size(); ++i) mask.data()[i] = dropout_rng_.uniform() < p ? Scalar(0) : keep_scale;
+    draw_dropout(dropout_rng_, config_.dropout, mask);
   }
 
   void check_grad_output(const Eigen::Ref<const MatrixType>& dy, const Eigen::Ref<MatrixType>* dx) const {

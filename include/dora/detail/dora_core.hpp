@@ -39,6 +39,23 @@ struct DoraMerge {
 
 namespace detail {
 
+/// The norm's row terms of the exact gradient, for every row i of the lowered map (rows spread over
+/// threads), with beta_n_i = -g_i dm_i and n_div the norms (+inf on inactive rows):
+///   dB_i += s beta_n_i (s (B K)_i + P_i) / n_div_i,   PT.col(i) := s beta_n_i B_i^T / n_div_i
+/// PT holds P^T = A W^T on entry and s (diag(beta) B)^T on exit (see accumulate_norm_gradient).
+/// Shared by the single-adapter layers and the multi-adapter ones (multi_adapter.hpp).
+template <typename Scalar, typename PTMatrix, typename GradB>
+void norm_gradient_rows(Scalar s, const Matrix<Scalar>& B, const Matrix<Scalar>& BK, const Vector<Scalar>& beta_n,
+                        const Vector<Scalar>& n_div, PTMatrix& PT, GradB& grad_B) {
+  using Index = Eigen::Index;
+  parallel_rows(beta_n.size(), 4 * B.cols(), [&](Index begin, Index end) {
+    for (Index i = begin; i < end; ++i) {
+      grad_B.row(i) += (s * beta_n[i]) * ((s * BK.row(i) + PT.col(i).transpose()) / n_div[i]);
+      PT.col(i) = (s * beta_n[i]) * (B.row(i).transpose() / n_div[i]);
+    }
+  });
+}
+
 template <typename Derived, typename Scalar>
 class DoraMagnitude {
  public:
@@ -197,12 +214,7 @@ class DoraMagnitude {
     Eigen::Ref<MatrixType> grad_B = derived().grad_lora_B();
     const MatrixType& BK = norm_.BK();  // B K from the norm (same B)
     beta_n_ = -(g_.array() * dm_.array()).matrix();
-    parallel_rows(n_.size(), 4 * B.cols(), [&](Index begin, Index end) {
-      for (Index i = begin; i < end; ++i) {
-        grad_B.row(i) += (s * beta_n_[i]) * ((s * BK.row(i) + PT.col(i).transpose()) / n_div_[i]);
-        PT.col(i) = (s * beta_n_[i]) * (B.row(i).transpose() / n_div_[i]);
-      }
-    });
+    norm_gradient_rows(s, B, BK, beta_n_, n_div_, PT, grad_B);
     Eigen::Ref<MatrixType> grad_A = derived().grad_lora_A();
     if (add_weight_term) weight_adjoint_add(PT, self().lowered_weight(), grad_A);
     Kb_.noalias() = PT * B;  // s (diag(beta) B)^T B
