@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 #include <cstdint>
 #include <cstring>
+#include <dora/io/safetensors.hpp>
 #include <fstream>
 #include <iterator>
 #include <nlohmann/json.hpp>
@@ -14,6 +15,14 @@
 #include <vector>
 
 namespace dora_test {
+
+// A tensor of any rank as (first axis) x (the rest), converted to Scalar.
+template <typename Scalar>
+dora::Matrix<Scalar> rows_first(const dora::io::SafetensorsReader& r, const std::string& key) {
+  const dora::io::TensorInfo& t = r.info(key);
+  const Eigen::Index rows = t.shape.empty() ? 1 : t.shape[0];
+  return r.reshaped<Scalar>(key, rows, t.numel() / rows);
+}
 
 inline nlohmann::json read_json(const std::string& path) {
   std::ifstream in(path);

@@ -194,6 +194,7 @@ double ulp(Dtype d) {
 
 dora::Matrix<double> values(const SafetensorsReader& r, const TensorInfo& t) {
   if (t.shape.size() == 2) return r.matrix<double>(t.name);
+  if (t.shape.size() > 2) return r.reshaped<double>(t.name, t.shape[0], t.numel() / t.shape[0]);  // a conv kernel
   return r.vector<double>(t.name).transpose();
 }
 
@@ -249,7 +250,8 @@ TEST_CASE("help: --help and -h print the usage on stdout and exit 0", "[cli]") {
     INFO("expected: exit 0, the synopsis, every option and the exit statuses on stdout, nothing on stderr");
     CHECK(r.status == 0);
     CHECK(r.err.empty());
-    CHECK(r.out.rfind("usage: dora-merge --base BASE --adapter ADAPTER_DIR --out OUT", 0) == 0);
+    CHECK(r.out.rfind("usage: dora-merge --base BASE --adapter ADAPTER_DIR [--adapter ADAPTER_DIR ...] --out OUT", 0) ==
+          0);
     CHECK(contains(r.out, "dora-merge --inspect ADAPTER_DIR"));
     const std::string words = squeeze(r.out);
     for (const char* opt : {"-h,--help", "--base BASE", "--adapter ADAPTER_DIR", "--out OUT", "--dtype DTYPE",
@@ -317,17 +319,13 @@ TEST_CASE("a missing or empty value: exit 2 naming the option, nothing written",
   }
 }
 
-TEST_CASE("an option given twice: exit 2 naming it, nothing written", "[cli][usage][repeat]") {
+TEST_CASE("an option other than --adapter given twice: exit 2 naming it, nothing written", "[cli][usage][repeat]") {
   TempDir tmp;
   // Every command here would be a valid merge if the repeat were taken as "the last one wins".
   const std::string out = (tmp.out() / "merged.safetensors").string();
   const std::string out2 = (tmp.out() / "other.safetensors").string();
   const std::string adapter2 = (tmp.path() / "adapter2").string();
   fs::copy(kAdapter, adapter2);
-  SECTION("--adapter") {
-    check_usage_error(tmp, {"--base", kBase, "--adapter", kAdapter, "--adapter", adapter2, "--out", out},
-                      "--adapter given 2 times; give it once");
-  }
   SECTION("--base") {
     check_usage_error(tmp, {"--base", kBase, "--adapter", kAdapter, "--base", kBase, "--out", out},
                       "--base given 2 times; give it once");
@@ -443,6 +441,52 @@ TEST_CASE("the merge without --dtype agrees with PEFT's merge_and_unload", "[cli
     INFO(t.name << ": relative error vs PEFT " << err << " (tolerance 1e-6)");
     CHECK(err <= 1e-6);
   }
+}
+
+// Three adapters saved by PEFT from one model (tools/make_multi_layer_reference.py): "default" in
+// adapters/, "second" and "third" in sub-folders named after them (PEFT's layout), on a Linear with
+// bias, one without, an Embedding and a Conv2d; merged.safetensors is PEFT 0.21's
+// merge_and_unload(adapter_names=["default", "second", "third"]), merged_default_third.safetensors
+// that of ["default", "third"].
+const std::string kMultiCkpt = std::string(DORA_TEST_DATA_DIR) + "/multi_layers/checkpoint";
+
+TEST_CASE("several --adapter options merge in turn, as PEFT's merge_and_unload(adapter_names=...)",
+          "[cli][merge][multi]") {
+  TempDir tmp;
+  const std::string base = kMultiCkpt + "/base.safetensors", dir = kMultiCkpt + "/adapters";
+  const auto check_against = [&](const std::vector<std::string>& adapters, const std::string& peft_file) {
+    const std::string out = (tmp.out() / "merged.safetensors").string();
+    std::vector<std::string> args{"--base", base};
+    for (const std::string& a : adapters) args.insert(args.end(), {"--adapter", a});
+    args.insert(args.end(), {"--out", out});
+    const Run r = run(tmp.cap(), args);
+    INFO(r.describe());
+    REQUIRE(r.status == 0);
+    const SafetensorsReader got(out), peft(kMultiCkpt + "/" + peft_file), b(base);
+    REQUIRE(got.tensors().size() == peft.tensors().size());
+    double worst = 0.0;
+    std::size_t changed = 0;
+    for (const TensorInfo& t : peft.tensors()) {
+      const double err = dora_test::rel_err(values(got, got.info(t.name)), values(peft, t));
+      INFO(t.name << ": relative error vs PEFT " << err << " (tolerance 1e-6)");
+      CHECK(err <= 1e-6);
+      worst = std::max(worst, err);
+      if (dora_test::rel_err(values(b, b.info(t.name)), values(peft, t)) > 1e-3) ++changed;
+    }
+    std::printf("dora-merge, %zu adapters vs PEFT's merge_and_unload: worst relative error %.2e over %zu tensors\n",
+                adapters.size(), worst, peft.tensors().size());
+    CHECK(changed == 4);  // q, v, emb, conv: the data does adapt every one of them
+    fs::remove(out);
+  };
+  check_against({dir, dir + "/second", dir + "/third"}, "merged.safetensors");
+  check_against({dir, dir + "/third"}, "merged_default_third.safetensors");
+  // The directory of the sub-folders is not an adapter: refused, naming them.
+  const Run r = run(tmp.cap(), {"--base", base, "--adapter", dir + "/..", "--out", (tmp.out() / "x").string()});
+  CHECK(r.status == 1);
+  CHECK_THAT(r.err, Catch::Contains("holds adapters in sub-folders") && Catch::Contains("adapters"));
+  const Run r2 = run(tmp.cap(), {"--inspect", kMultiCkpt});
+  CHECK(r2.status == 1);
+  CHECK_THAT(r2.err, Catch::Contains("holds adapters in sub-folders") && Catch::Contains(" adapters"));
 }
 
 TEST_CASE("quiet: --quiet prints nothing and writes the same output", "[cli][merge][quiet]") {

@@ -86,21 +86,35 @@ void run_linear_case(const std::string& name, double tol) {
     // The same forward in evaluation mode (cached norms) and after prepare_inference().
     layer.prepare_inference();
     cmp("y (eval)", layer.forward(x), mat("y"));
+    if (meta.contains("cat")) {
+      // PEFT's add_weighted_adapter(..., "cat"): exact for LoRA; a DoRA adapter is refused (PEFT
+      // does not refuse, huggingface/peft#3761).
+      const nlohmann::json& cat = meta.at("cat");
+      const std::vector<std::string> pair = cat.at("adapters").get<std::vector<std::string>>();
+      const std::vector<double> weights = cat.at("weights").get<std::vector<double>>();
+      bool any_dora = false;
+      for (const std::string& n : pair) any_dora = any_dora || layer.adapter(n).is_dora();
+      if (any_dora) {
+        CHECK_THROWS_WITH(layer.add_weighted_cat("cat", pair, weights), Catch::Contains("is DoRA"));
+      } else if (mode == dora::NormGradient::detached) {
+        const auto& c = layer.add_weighted_cat("cat", pair, weights);
+        cmp("A_cat", c.A, mat("A_cat"));
+        cmp("B_cat", c.B, mat("B_cat"));
+        CHECK(c.scaling == static_cast<Scalar>(cat.at("scaling").get<double>()));
+        CHECK(c.config.rank == cat.at("r").get<Eigen::Index>());
+        // The concatenated adapter is the two stacked LoRA adapters (weights 1).
+        layer.set_active(pair);
+        const Mat<Scalar> stacked = layer.forward(x);
+        layer.set_active({"cat"});
+        cmp("cat adapter vs the stacked pair", layer.forward(x), stacked);
+      }
+    }
     if (meta.contains("row_adapters")) {
       const std::vector<std::string> rows = meta.at("row_adapters").get<std::vector<std::string>>();
       cmp("y_mixed", layer.infer_mixed(x, rows), mat("y_mixed"));
     }
   }
   std::printf("multi: %-24s worst relative error vs PEFT %.2e (tolerance %.0e)\n", name.c_str(), cmp.worst, tol);
-}
-
-// A tensor of the reference as rows x (everything else).
-template <typename Scalar>
-Mat<Scalar> rows_first(const dora::io::SafetensorsReader& ref, const std::string& key) {
-  const std::vector<std::int64_t> s = ref.info(key).shape;
-  Eigen::Index total = 1;
-  for (std::int64_t d : s) total *= d;
-  return ref.reshaped<Scalar>(key, s[0], total / s[0]);
 }
 
 template <typename Scalar>

@@ -1839,14 +1839,6 @@ dora::ConvGeometry case_geometry(const LayerCase& c, const SafetensorsReader& re
   return g;
 }
 
-// A tensor of any rank as (first axis) x (the rest), converted to Scalar.
-template <typename Scalar>
-dora::Matrix<Scalar> rows_first(const SafetensorsReader& r, const std::string& key) {
-  const TensorInfo& t = r.info(key);
-  const Eigen::Index rows = t.shape.empty() ? 1 : t.shape[0];
-  return r.reshaped<Scalar>(key, rows, t.numel() / rows);
-}
-
 template <typename MA, typename MB>
 bool bitwise_equal(const MA& a, const MB& b) {
   return a.rows() == b.rows() && a.cols() == b.cols() &&

@@ -1,6 +1,7 @@
 // dora-merge: merge a HuggingFace PEFT LoRA / DoRA adapter into a safetensors checkpoint.
 //
-//   dora-merge --base model.safetensors --adapter ADAPTER_DIR --out merged.safetensors [--dtype f32|bf16|f16|f64]
+//   dora-merge --base model.safetensors --adapter ADAPTER_DIR [--adapter ADAPTER_DIR2 ...] --out merged.safetensors
+//              [--dtype f32|bf16|f16|f64]
 //   dora-merge --base model.safetensors.index.json --adapter ADAPTER_DIR --out OUT_DIR [--dtype ...]
 //   dora-merge --inspect ADAPTER_DIR
 //
@@ -11,7 +12,9 @@
 // of it is written. The command line is parsed by
 // CLI11. Exit status: 0 on success, 1 on an error during the merge or inspection (message on
 // stderr, no output written), 2 on bad usage (unknown argument, missing or bad value, an option
-// given twice, --inspect with a merge option, a missing --base/--adapter/--out).
+// other than --adapter given twice, --inspect with a merge option, a missing --base/--adapter/--out).
+// Several --adapter options merge the adapters in the order given (PEFT 0.21's
+// merge_and_unload(adapter_names=[...])).
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -31,18 +34,21 @@
 namespace {
 
 const char* const kSynopsis =
-    "usage: dora-merge --base BASE --adapter ADAPTER_DIR --out OUT [--dtype DTYPE] [--quiet]\n"
+    "usage: dora-merge --base BASE --adapter ADAPTER_DIR [--adapter ADAPTER_DIR ...] --out OUT [--dtype DTYPE]\n"
+    "                  [--quiet]\n"
     "       dora-merge --inspect ADAPTER_DIR\n";
 
 const char* const kDescription =
     "Merges every module of a PEFT LoRA/DoRA adapter (adapter_config.json + adapter_model.safetensors)\n"
     "into <module>.weight of the base checkpoint and copies every other tensor unchanged.\n"
     "DoRA: W' = diag(m / ||W + s B A||_rows) (W + s B A); LoRA: W' = W + s B A; computed in double\n"
-    "and rounded once to the output dtype.\n";
+    "and rounded once to the output dtype. Several --adapter options merge the adapters in turn, in that\n"
+    "order (PEFT's merge_and_unload(adapter_names=[...]): each DoRA norm from the base weight); PEFT saves\n"
+    "adapters other than \"default\" in sub-folders named after them: pass DIR/<name>.\n";
 
 const char* const kFooter =
     "The output is written atomically: on any error nothing is left behind.\n"
-    "Each option may be given at most once.\n"
+    "Each option other than --adapter may be given at most once.\n"
     "Exit status: 0 success, 1 error during the merge or inspection (message on stderr), 2 bad usage.\n";
 
 // The names --dtype accepts.
@@ -165,7 +171,8 @@ int usage_error(const std::string& what) {
 }
 
 struct Args {
-  std::string base, adapter, out, inspect;
+  std::string base, out, inspect;
+  std::vector<std::string> adapters;
   std::optional<dora::io::Dtype> dtype;
   bool quiet = false;
 };
@@ -194,8 +201,9 @@ std::optional<int> parse(int argc, char** argv, Args& args) {
                                      "empty directory that receives the same shards and index)")
                           ->type_name("BASE")
                           ->check(path_value);
-  CLI::Option* adapter = app.add_option("--adapter", args.adapter,
-                                        "PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+  CLI::Option* adapter = app.add_option("--adapter", args.adapters,
+                                        "PEFT adapter directory (adapter_config.json + adapter_model.safetensors); "
+                                        "give it several times to merge several adapters in that order")
                              ->type_name("ADAPTER_DIR")
                              ->check(path_value);
   CLI::Option* out = app.add_option("--out", args.out, "output file, or directory for a sharded BASE")
@@ -224,12 +232,10 @@ std::optional<int> parse(int argc, char** argv, Args& args) {
   const std::vector<CLI::Option*> merge_options{base, adapter, out, dtype, quiet};
   for (CLI::Option* o : merge_options) inspect->excludes(o);
 
-  // A repeated option is a usage error. CLI11 would reject it with a message about argument
-  // counts; it takes each occurrence here and the count is checked below, with a message naming
-  // the option. (A later issue gives a repeated --adapter a meaning: several adapters merged in
-  // turn. Until then it is an error rather than "the last one wins", which merged only the last.)
-  std::vector<CLI::Option*> all = merge_options;
-  all.push_back(inspect);
+  // A repeated option other than --adapter is a usage error. CLI11 would reject it with a message
+  // about argument counts; it takes each occurrence here and the count is checked below, with a
+  // message naming the option. --adapter collects every occurrence, in order.
+  std::vector<CLI::Option*> all{base, out, dtype, quiet, inspect};
   for (CLI::Option* o : all) o->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
 
   try {
@@ -276,7 +282,7 @@ int main(int argc, char** argv) {
     if (show_progress) options.progress = [&progress](const dora::io::MergeProgress& p) { progress.update(p); };
     dora::io::MergeReport r;
     try {
-      r = dora::io::merge_checkpoint(args.base, args.adapter, args.out, options);
+      r = dora::io::merge_checkpoint(args.base, args.adapters, args.out, options);
     } catch (...) {
       progress.clear();
       throw;

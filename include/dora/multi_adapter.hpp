@@ -138,6 +138,42 @@ class MultiAdapter {
     return add(name, kind, config, A, B);
   }
 
+  /// PEFT's add_weighted_adapter(adapters, weights, name, combination_type="cat"): a new LoRA
+  /// adapter with A = [w_1 s_1 A_1; ...; w_k s_k A_k], B = [B_1, ..., B_k], r = sum r_k and
+  /// alpha = r (scaling 1), so that its delta s B A = sum_k w_k s_k B_k A_k exactly: the weighted
+  /// sum of the LoRA adapters. A DoRA adapter is refused: its effect diag(m / ||W + s B A||)
+  /// (W + s B A) - W is not a low-rank delta, so no combination of factors reproduces it (PEFT does
+  /// not refuse and returns something else, huggingface/peft#3761).
+  AdapterType& add_weighted_cat(const std::string& name, const std::vector<std::string>& adapters,
+                                const std::vector<double>& weights) {
+    DORA_CHECK_ARG(!adapters.empty() && adapters.size() == weights.size(), "add_weighted_cat: ", adapters.size(),
+                   " adapters and ", weights.size(), " weights (one weight per adapter, at least one)");
+    Index r = 0;
+    for (const std::string& n : adapters) {
+      const AdapterType& a = adapter(n);
+      DORA_CHECK_ARG(!a.is_dora(), "add_weighted_cat: adapter '", n,
+                     "' is DoRA, and no combination of DoRA adapters' factors is exact: a DoRA adapter rescales the "
+                     "rows of W + s B A by m / ||W + s B A||, which is not a low-rank delta (PEFT's "
+                     "add_weighted_adapter does not refuse and returns a different layer, huggingface/peft#3761); "
+                     "stack the adapters (set_active) or merge them (merge()) instead");
+      r += a.config.rank;
+    }
+    MatrixType A(r, d_in()), B(d_out(), r);
+    Index at = 0;
+    for (std::size_t k = 0; k < adapters.size(); ++k) {
+      const AdapterType& a = adapter(adapters[k]);
+      A.middleRows(at, a.config.rank) = (static_cast<Scalar>(weights[k]) * a.scaling) * a.A;
+      B.middleCols(at, a.config.rank) = a.B;
+      at += a.config.rank;
+    }
+    AdapterConfig config = adapter(adapters.front()).config;
+    config.rank = r;
+    config.alpha = static_cast<double>(r);
+    config.use_rslora = false;
+    config.init = Init::user;
+    return add(name, AdapterKind::lora, config, A, B);
+  }
+
   /// Removes the adapter (and from the active set).
   void remove(const std::string& name) {
     const Index k = index_of(name);
@@ -722,31 +758,50 @@ class MultiAdapter {
       (void)ids;
       frozen_product(X, base_.weight, y);
     }
+    // The workspaces take the largest adapter's rows and rank and are used through blocks, so that
+    // a steady state (the same batch sizes) allocates nothing.
+    Index most = 0, rank = 0;
+    for (Index k = 0; k < K; ++k) {
+      most = std::max(most, w.start[static_cast<std::size_t>(k + 1)] - w.start[static_cast<std::size_t>(k)]);
+      rank = std::max(rank, slots_[static_cast<std::size_t>(k)].a.config.rank);
+    }
+    grow(w.u, most, rank);
+    grow(w.h, most, d_out());
+    if constexpr (!Embedding) grow(w.xk, most, d_in());
     for (Index k = 0; k < K; ++k) {
       const Index begin = w.start[static_cast<std::size_t>(k)], end = w.start[static_cast<std::size_t>(k + 1)];
       if (begin == end) continue;
       const Slot& s = slots_[static_cast<std::size_t>(k)];
       const AdapterType& a = s.a;
-      const Index n = end - begin;
-      w.u.resize(n, a.config.rank);
+      const Index n = end - begin, r = a.config.rank;
+      const Index* rows_k = w.order.data() + begin;
+      // u contiguous (a map on the buffer, not a corner of it): a one-row product is then a gemv on
+      // its data, where a strided corner would be copied.
+      Eigen::Map<MatrixType> u(w.u.data(), n, r);
+      typename MatrixType::RowsBlockXpr h = w.h.topRows(n);
       if constexpr (Embedding) {
-        for (Index i = 0; i < n; ++i)
-          w.u.row(i) = a.A.col(static_cast<Index>((*ids)[w.order[static_cast<std::size_t>(begin + i)]])).transpose();
+        for (Index i = 0; i < n; ++i) u.row(i) = a.A.col(static_cast<Index>((*ids)[rows_k[i]])).transpose();
       } else {
-        w.xk.resize(n, d_in());
-        for (Index i = 0; i < n; ++i) w.xk.row(i) = X.row(w.order[static_cast<std::size_t>(begin + i)]);
-        w.u.noalias() = w.xk * a.A.transpose();
+        typename MatrixType::RowsBlockXpr xk = w.xk.topRows(n);
+        parallel_rows(n, d_in(), [&](Index b, Index e) {
+          for (Index i = b; i < e; ++i) xk.row(i) = X.row(rows_k[i]);
+        });
+        u.noalias() = xk * a.A.transpose();
       }
-      w.h.resize(n, d_out());
-      for (Index i = 0; i < n; ++i) w.h.row(i) = y.row(w.order[static_cast<std::size_t>(begin + i)]);
-      w.h.noalias() += a.scaling * w.u * a.B.transpose();
-      for (Index i = 0; i < n; ++i) {
-        const Index t = w.order[static_cast<std::size_t>(begin + i)];
-        if (a.is_dora())
-          y.row(t) = w.h.row(i).cwiseProduct(s.g.transpose());
-        else
-          y.row(t) = w.h.row(i);
-      }
+      parallel_rows(n, d_out(), [&](Index b, Index e) {
+        for (Index i = b; i < e; ++i) h.row(i) = y.row(rows_k[i]);
+      });
+      u *= a.scaling;  // scaled first: a scaled operand of a one-row product would be copied
+      h.noalias() += u * a.B.transpose();
+      const bool dora = a.is_dora();
+      parallel_rows(n, d_out(), [&](Index b, Index e) {
+        for (Index i = b; i < e; ++i) {
+          if (dora)
+            y.row(rows_k[i]) = h.row(i).cwiseProduct(s.g.transpose());
+          else
+            y.row(rows_k[i]) = h.row(i);
+        }
+      });
     }
     if (has_bias()) {
       compose_rows(rows, [&](Index t) { y.row(t) += bias_row(); });

@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
@@ -20,6 +21,7 @@
 #include <sstream>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "dora/io/error.hpp"
 
@@ -44,6 +46,22 @@ inline bool path_exists(const std::string& p) {
 inline bool is_directory(const std::string& p) {
   struct stat st;
   return ::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/// The names of dir's sub-directories that hold a file `marker`, sorted (empty if dir cannot be read).
+inline std::vector<std::string> subdirectories_with(const std::string& dir, const std::string& marker) {
+  std::vector<std::string> out;
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return out;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name == "." || name == "..") continue;
+    const std::string sub = join_path(dir, name);
+    if (is_directory(sub) && path_exists(join_path(sub, marker))) out.push_back(name);
+  }
+  ::closedir(d);
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 inline std::string read_text_file(const std::string& path) {

@@ -31,6 +31,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <ostream>
@@ -76,8 +77,9 @@ struct MergedModule {
   std::string kind;    ///< "Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d" (PeftModule::kind_name)
   std::vector<std::int64_t> shape;
   Eigen::Index rank = 0;
-  bool use_dora = false;
-  double max_abs_delta = 0.0;  ///< max |W' - W| (before rounding to the output dtype)
+  bool use_dora = false;              ///< rank and use_dora: the first adapter's module
+  double max_abs_delta = 0.0;         ///< max |W' - W| (before rounding to the output dtype)
+  std::vector<std::string> adapters;  ///< the adapter directories merged into it, in order
 };
 
 struct MergeReport {
@@ -118,65 +120,102 @@ inline bool plain_sum_of_squares_ok(double sq) {
   return std::isfinite(sq) && sq >= std::numeric_limits<double>::min() / std::numeric_limits<double>::epsilon();
 }
 
-/// Computes the merged tensor of module `m` from the stored base weight (rows x cols in the
-/// stored layout) into `out` (encoded as out_dtype). Works on blocks of stored rows in double so
-/// that memory stays at one output tensor plus a few MB. DoRA row norms are plain sums of squares
-/// where those are safe and scaled_row_norm() elsewhere, as in DoraLinear.
-inline double merge_tensor(const PeftModule& m, const PeftModuleWeights<double>& w, const std::uint8_t* src,
-                           Dtype src_dtype, bool transposed, std::uint8_t* out, Dtype out_dtype) {
-  const Eigen::Index rows = transposed ? m.d_in : m.d_out;
-  const Eigen::Index cols = transposed ? m.d_out : m.d_in;
+/// One adapter's module on a base tensor, for a merge of several adapters in turn.
+struct StackedModule {
+  const PeftModule* module;
+  const PeftModuleWeights<double>* weights;
+};
+
+/// Computes the merged tensor of the adapters' modules `stack` (in order, all adapting the same base
+/// weight) from the stored base weight (rows x cols in the stored layout) into `out` (encoded as
+/// out_dtype), PEFT 0.21's merge_and_unload(adapter_names=[...]): R = W, then per adapter
+///   LoRA: R += s B A;   DoRA: R = diag(m / ||W + s B A||) (R + s B A)
+/// with each DoRA norm that of the base W plus its own delta (huggingface/peft#3609), so the merged
+/// weight is the stacked layer. One adapter: the ordinary merge. Works on blocks of stored rows in
+/// double so that memory stays at one output tensor plus a few MB. DoRA row norms are plain sums of
+/// squares where those are safe and scaled_row_norm() elsewhere, as in DoraLinear.
+inline double merge_tensor(const std::vector<StackedModule>& stack, const std::uint8_t* src, Dtype src_dtype,
+                           bool transposed, std::uint8_t* out, Dtype out_dtype) {
+  const PeftModule& first = *stack.front().module;
+  const Eigen::Index rows = transposed ? first.d_in : first.d_out;
+  const Eigen::Index cols = transposed ? first.d_out : first.d_in;
   const std::size_t ies = dtype_size(src_dtype), oes = dtype_size(out_dtype);
   const Eigen::Index block = std::max<Eigen::Index>(1, (Eigen::Index{1} << 20) / cols);  // ~8 MB of doubles
-  const double s = m.scaling;
-  Matrix<double> V, W;
-  const auto compute = [&](Eigen::Index i0, Eigen::Index n) {
+  Matrix<double> W, V, R;
+  const auto load = [&](Eigen::Index i0, Eigen::Index n) {
     W.resize(n, cols);
     const std::uint8_t* p = src + static_cast<std::size_t>(i0) * static_cast<std::size_t>(cols) * ies;
     for (Eigen::Index i = 0; i < W.size(); ++i)
       W.data()[i] = load_as_double(p + static_cast<std::size_t>(i) * ies, src_dtype);
+  };
+  // V = W + s B A on the block's rows (stored layout).
+  const auto delta = [&](const StackedModule& sm, Eigen::Index i0, Eigen::Index n) {
+    const double s = sm.module->scaling;
     V = W;
     if (!transposed)
-      V.noalias() += s * w.B.middleRows(i0, n) * w.A;
+      V.noalias() += s * sm.weights->B.middleRows(i0, n) * sm.weights->A;
     else
-      V.noalias() += s * w.A.middleCols(i0, n).transpose() * w.B.transpose();
+      V.noalias() += s * sm.weights->A.middleCols(i0, n).transpose() * sm.weights->B.transpose();
   };
   // The DoRA scale of output feature i: the library's one rule (dora/magnitude.hpp).
   const auto scale_of = [](double mag, double n) { return magnitude_scale(mag, n); };
   Eigen::Matrix<double, 1, Eigen::Dynamic> v;  // scaled_row_norm's workspace
-  const auto norm_of = [&](double sq, Eigen::Index j) {
-    return plain_sum_of_squares_ok(sq) ? std::sqrt(sq) : scaled_row_norm(m, w, src, src_dtype, transposed, j, v);
+  const auto norm_of = [&](const StackedModule& sm, double sq, Eigen::Index j) {
+    return plain_sum_of_squares_ok(sq) ? std::sqrt(sq)
+                                       : scaled_row_norm(*sm.module, *sm.weights, src, src_dtype, transposed, j, v);
   };
-  Eigen::VectorXd g;
-  if (m.use_dora && transposed) {
-    // Output features are columns here: accumulate their squared norms over all row blocks first.
-    Eigen::VectorXd nsq = Eigen::VectorXd::Zero(cols);
-    for (Eigen::Index i0 = 0; i0 < rows; i0 += block) {
-      compute(i0, std::min(block, rows - i0));
-      nsq += V.colwise().squaredNorm().transpose();
+  // Transposed storage: output features are columns; each DoRA adapter's column norms need every
+  // row block first.
+  std::vector<Eigen::VectorXd> g(stack.size());
+  if (transposed) {
+    for (std::size_t k = 0; k < stack.size(); ++k) {
+      if (!stack[k].module->use_dora) continue;
+      Eigen::VectorXd nsq = Eigen::VectorXd::Zero(cols);
+      for (Eigen::Index i0 = 0; i0 < rows; i0 += block) {
+        const Eigen::Index n = std::min(block, rows - i0);
+        load(i0, n);
+        delta(stack[k], i0, n);
+        nsq += V.colwise().squaredNorm().transpose();
+      }
+      g[k].resize(cols);
+      for (Eigen::Index i = 0; i < cols; ++i)
+        g[k][i] = scale_of(stack[k].weights->magnitude[i], norm_of(stack[k], nsq[i], i));
     }
-    g.resize(cols);
-    for (Eigen::Index i = 0; i < cols; ++i) g[i] = scale_of(w.magnitude[i], norm_of(nsq[i], i));
   }
   double max_delta = 0.0;
   for (Eigen::Index i0 = 0; i0 < rows; i0 += block) {
     const Eigen::Index n = std::min(block, rows - i0);
-    compute(i0, n);
-    if (m.use_dora) {
+    load(i0, n);
+    for (std::size_t k = 0; k < stack.size(); ++k) {
+      const StackedModule& sm = stack[k];
+      delta(sm, i0, n);
+      // The first adapter starts from W: R = V (the single-adapter merge, bit for bit); a later
+      // one adds its delta s B A = V - W to what is merged so far.
+      if (k == 0)
+        R = V;
+      else
+        R += V - W;
+      if (!sm.module->use_dora) continue;
       if (transposed) {
-        V = V * g.asDiagonal();
+        R = R * g[k].asDiagonal();
       } else {
         for (Eigen::Index i = 0; i < n; ++i)
-          V.row(i) *= scale_of(w.magnitude[i0 + i], norm_of(V.row(i).squaredNorm(), i0 + i));
+          R.row(i) *= scale_of(sm.weights->magnitude[i0 + i], norm_of(sm, V.row(i).squaredNorm(), i0 + i));
       }
     }
     // NaN (a non-finite adapter or base) must show in the report, not vanish in std::max.
-    const double d = (V - W).cwiseAbs().template maxCoeff<Eigen::PropagateNaN>();
+    const double d = (R - W).cwiseAbs().template maxCoeff<Eigen::PropagateNaN>();
     if (std::isnan(d) || d > max_delta || std::isnan(max_delta)) max_delta = std::isnan(max_delta) ? max_delta : d;
     std::uint8_t* q = out + static_cast<std::size_t>(i0) * static_cast<std::size_t>(cols) * oes;
-    for (Eigen::Index i = 0; i < V.size(); ++i) store(q + static_cast<std::size_t>(i) * oes, V.data()[i], out_dtype);
+    for (Eigen::Index i = 0; i < R.size(); ++i) store(q + static_cast<std::size_t>(i) * oes, R.data()[i], out_dtype);
   }
   return max_delta;
+}
+
+/// The merge of one module (merge_tensor of a stack of one).
+inline double merge_tensor(const PeftModule& m, const PeftModuleWeights<double>& w, const std::uint8_t* src,
+                           Dtype src_dtype, bool transposed, std::uint8_t* out, Dtype out_dtype) {
+  return merge_tensor({StackedModule{&m, &w}}, src, src_dtype, transposed, out, out_dtype);
 }
 
 /// Converts a tensor's bytes between two of F16, BF16, F32, F64 (element by element, any rank).
@@ -263,45 +302,79 @@ struct BaseCheckpoint {
 /// created (shapes, dtypes of adapted weights, options.dtype); on any failure, including one while
 /// writing a later shard, no output file or directory is left. A sharded output's index gets
 /// metadata.total_size = the sum of the written tensors' bytes.
-inline MergeReport merge_checkpoint(const std::string& base, const std::string& adapter_dir, const std::string& out,
-                                    const MergeOptions& options = {}) {
+///
+/// Several adapters (adapter_dirs in order) are merged in turn, PEFT 0.21's
+/// merge_and_unload(adapter_names=[...]) of the adapters loaded into one model: each base tensor gets
+/// the adapters that adapt it, in the given order (merge_tensor above: each DoRA norm from the base
+/// W). PEFT saves an adapter other than "default" in a sub-folder named after it
+/// (save_pretrained(dir) writes dir/ and dir/<name>/): pass dir/<name>. A directory without
+/// adapter_config.json that has such sub-folders is refused with their names (PeftAdapter).
+inline MergeReport merge_checkpoint(const std::string& base, const std::vector<std::string>& adapter_dirs,
+                                    const std::string& out, const MergeOptions& options = {}) {
   if (options.dtype && !dtype_is_convertible(*options.dtype))
     detail::peft_fail(out,
                       std::string("output dtype ") + dtype_name(*options.dtype) +
                           " is not one of F16, BF16, F32, F64 (MergeOptions::dtype converts floating tensors only)");
-  const PeftAdapter adapter(adapter_dir);
+  if (adapter_dirs.empty()) detail::peft_fail(out, "no adapter to merge");
+  std::vector<std::unique_ptr<PeftAdapter>> adapters;
+  for (const std::string& dir : adapter_dirs) adapters.push_back(std::make_unique<PeftAdapter>(dir));
   detail::BaseCheckpoint ckpt(base);
-  const bool fan_in_fan_out = adapter.config().fan_in_fan_out;
 
   // Validate every module against the base before anything is written.
-  std::map<std::string, const PeftModule*> module_of;  // base tensor name -> module
-  for (const PeftModule& m : adapter.modules()) {
-    const std::string wname = m.weight_name();
-    const auto it = ckpt.tensors.find(wname);
-    if (it == ckpt.tensors.end())
-      detail::peft_fail_tensor(ckpt.sharded ? ckpt.index_file : base, wname,
-                               "not found: adapter " + adapter.weights_file() + " adapts module '" + m.path +
-                                   "' (tensor '" + m.key_A + "') but the base checkpoint has no such weight");
-    const TensorInfo& t = *it->second.info;
-    const std::string& file = ckpt.tensor_file.at(wname);
-    // PEFT 0.21 raises NotImplementedError("Merging is not supported for _ConvNd layers with
-    // groups > 1!"): its low-rank path is dense over all input channels, which no grouped kernel of
-    // the base's shape reproduces, so there is no merged weight to compute.
-    if (m.kind == ModuleKind::conv && m.groups > 1)
-      detail::peft_fail_tensor(adapter.weights_file(), m.key_B,
-                               m.kind_name() + " module '" + m.path + "' has groups = " + std::to_string(m.groups) +
-                                   " (lora_B " + detail::shape_string(adapter.tensors().info(m.key_B).shape) +
-                                   ", rank " + std::to_string(m.rank) +
-                                   "): a grouped convolution cannot be merged (PEFT 0.21 refuses too: its LoRA branch "
-                                   "mixes all input channels, which no grouped kernel can hold)");
-    adapter.check_base_tensor(m, t.shape, fan_in_fan_out, file, wname);
-    if (!dtype_is_convertible(t.dtype))
-      detail::peft_fail_tensor(file, wname,
-                               std::string("has dtype ") + dtype_name(t.dtype) + " but module '" + m.path + "' of " +
-                                   adapter.weights_file() +
-                                   " adapts it: only F16, BF16, F32 and F64 weights can be merged (quantized or "
-                                   "integer weights are not dequantized here)");
-    module_of.emplace(wname, &m);
+  struct Entry {
+    const PeftAdapter* adapter;
+    const PeftModule* module;
+  };
+  std::map<std::string, std::vector<Entry>> module_of;  // base tensor name -> its modules, in merge order
+  for (const std::unique_ptr<PeftAdapter>& ap : adapters) {
+    const PeftAdapter& adapter = *ap;
+    const bool fan_in_fan_out = adapter.config().fan_in_fan_out;
+    for (const PeftModule& m : adapter.modules()) {
+      const std::string wname = m.weight_name();
+      const auto it = ckpt.tensors.find(wname);
+      if (it == ckpt.tensors.end())
+        detail::peft_fail_tensor(ckpt.sharded ? ckpt.index_file : base, wname,
+                                 "not found: adapter " + adapter.weights_file() + " adapts module '" + m.path +
+                                     "' (tensor '" + m.key_A + "') but the base checkpoint has no such weight");
+      const TensorInfo& t = *it->second.info;
+      const std::string& file = ckpt.tensor_file.at(wname);
+      // PEFT 0.21 raises NotImplementedError("Merging is not supported for _ConvNd layers with
+      // groups > 1!"): its low-rank path is dense over all input channels, which no grouped kernel of
+      // the base's shape reproduces, so there is no merged weight to compute.
+      if (m.kind == ModuleKind::conv && m.groups > 1)
+        detail::peft_fail_tensor(
+            adapter.weights_file(), m.key_B,
+            m.kind_name() + " module '" + m.path + "' has groups = " + std::to_string(m.groups) + " (lora_B " +
+                detail::shape_string(adapter.tensors().info(m.key_B).shape) + ", rank " + std::to_string(m.rank) +
+                "): a grouped convolution cannot be merged (PEFT 0.21 refuses too: its LoRA branch "
+                "mixes all input channels, which no grouped kernel can hold)");
+      adapter.check_base_tensor(m, t.shape, fan_in_fan_out, file, wname);
+      if (!dtype_is_convertible(t.dtype))
+        detail::peft_fail_tensor(file, wname,
+                                 std::string("has dtype ") + dtype_name(t.dtype) + " but module '" + m.path + "' of " +
+                                     adapter.weights_file() +
+                                     " adapts it: only F16, BF16, F32 and F64 weights can be merged (quantized or "
+                                     "integer weights are not dequantized here)");
+      std::vector<Entry>& stack = module_of[wname];
+      if (!stack.empty()) {
+        const Entry& prev = stack.front();
+        if (prev.module->stored_transposed(prev.adapter->config().fan_in_fan_out) !=
+            m.stored_transposed(fan_in_fan_out))
+          detail::peft_fail_tensor(adapter.weights_file(), m.key_A,
+                                   "module '" + m.path + "' reads " + wname +
+                                       " with fan_in_fan_out = " + (fan_in_fan_out ? "true" : "false") +
+                                       " but adapter " + prev.adapter->dir() + " reads it the other way round");
+      }
+      if (!m.key_base_weight.empty() || (!stack.empty() && !stack.front().module->key_base_weight.empty()))
+        if (!stack.empty())
+          detail::peft_fail_tensor(
+              adapter.weights_file(), m.key_A,
+              "module '" + m.path +
+                  "': an adapter that carries the base weight (save_embedding_"
+                  "layers) cannot be merged together with other adapters of the same module (whose base "
+                  "weight would PEFT use?); merge it alone");
+      stack.push_back({&adapter, &m});
+    }
   }
 
   MergeReport report;
@@ -330,8 +403,16 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
       const std::size_t count = static_cast<std::size_t>(t.numel());
       const auto mod = module_of.find(t.name);
       if (mod != module_of.end()) {
-        const PeftModule& m = *mod->second;
-        const PeftModuleWeights<double> wts = adapter.weights<double>(m);
+        const std::vector<Entry>& entries = mod->second;
+        const PeftModule& m = *entries.front().module;
+        const PeftAdapter& adapter = *entries.front().adapter;
+        std::vector<PeftModuleWeights<double>> wts;
+        wts.reserve(entries.size());
+        std::vector<detail::StackedModule> stack;
+        for (const Entry& e : entries) {
+          wts.push_back(e.adapter->weights<double>(*e.module));
+          stack.push_back({e.module, &wts.back()});
+        }
         buf.assign(count * dtype_size(od), 0);
         MergedModule mm;
         mm.tensor = t.name;
@@ -339,20 +420,27 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
         mm.shape = t.shape;
         mm.rank = m.rank;
         mm.use_dora = m.use_dora;
+        for (const Entry& e : entries) mm.adapters.push_back(e.adapter->dir());
         // An adapter saved with save_embedding_layers carries the module's base weight, and PEFT's
         // load puts it into the model (converted to the model's dtype) before merging: start from
         // it. The checkpoint's tensor still decides the output's name, shape and dtype.
         const bool saved = !m.key_base_weight.empty();
         const std::uint8_t* wsrc = saved ? adapter.tensors().raw(m.key_base_weight) : src;
         const Dtype wdt = saved ? adapter.tensors().info(m.key_base_weight).dtype : t.dtype;
-        mm.max_abs_delta = detail::merge_tensor(m, wts, wsrc, wdt, m.stored_transposed(fan_in_fan_out), buf.data(), od);
+        mm.max_abs_delta = detail::merge_tensor(stack, wsrc, wdt, m.stored_transposed(adapter.config().fan_in_fan_out),
+                                                buf.data(), od);
         w.write(t.name, buf.data(), buf.size());
-        if (options.log != nullptr)
+        if (options.log != nullptr) {
           *options.log << "merged " << t.name << " " << detail::shape_string(t.shape) << " " << dtype_name(t.dtype)
-                       << (od != t.dtype ? std::string(" -> ") + dtype_name(od) : std::string()) << "  rank " << m.rank
-                       << "  " << (m.use_dora ? "DoRA" : "LoRA") << "  scaling " << m.scaling << "  " << mm.kind
-                       << (saved ? "  (base weight from the adapter)" : "") << "  max|delta| " << mm.max_abs_delta
-                       << "\n";
+                       << (od != t.dtype ? std::string(" -> ") + dtype_name(od) : std::string());
+          for (std::size_t k = 0; k < entries.size(); ++k) {
+            const PeftModule& mk = *entries[k].module;
+            *options.log << (k == 0 ? "  " : "  then ") << (entries.size() > 1 ? entries[k].adapter->dir() + ": " : "")
+                         << "rank " << mk.rank << "  " << (mk.use_dora ? "DoRA" : "LoRA") << "  scaling " << mk.scaling;
+          }
+          *options.log << "  " << mm.kind << (saved ? "  (base weight from the adapter)" : "") << "  max|delta| "
+                       << mm.max_abs_delta << "\n";
+        }
         report.merged.push_back(std::move(mm));
       } else if (od == t.dtype) {
         w.write(t.name, src, in_bytes);  // bytes as they are
@@ -401,6 +489,12 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::string& 
   dir.commit();
   report.files_written.push_back(detail::join_path(out, index_name));
   return report;
+}
+
+/// One adapter (the common case).
+inline MergeReport merge_checkpoint(const std::string& base, const std::string& adapter_dir, const std::string& out,
+                                    const MergeOptions& options = {}) {
+  return merge_checkpoint(base, std::vector<std::string>{adapter_dir}, out, options);
 }
 
 }  // namespace dora::io

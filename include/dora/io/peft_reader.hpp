@@ -330,7 +330,17 @@ class PeftAdapter {
   static PeftConfig load_config(const std::string& dir) {
     if (!detail::is_directory(dir)) detail::peft_fail(dir, "adapter directory does not exist or is not a directory");
     const std::string cfg = detail::join_path(dir, "adapter_config.json");
-    if (!detail::path_exists(cfg)) detail::peft_fail(cfg, "missing (an adapter directory needs adapter_config.json)");
+    if (!detail::path_exists(cfg)) {
+      // PEFT's save_pretrained writes adapters other than "default" to sub-folders named after them.
+      const std::vector<std::string> subs = detail::subdirectories_with(dir, "adapter_config.json");
+      std::string hint;
+      if (!subs.empty()) {
+        hint = "; " + dir + " holds adapters in sub-folders (PEFT's layout for adapters not named \"default\"):";
+        for (const std::string& n : subs) hint += " " + n;
+        hint += ". Pass " + detail::join_path(dir, subs.front()) + " (and the others) instead";
+      }
+      detail::peft_fail(cfg, "missing (an adapter directory needs adapter_config.json)" + hint);
+    }
     return PeftConfig::load(cfg);
   }
   static SafetensorsReader open_weights(const std::string& dir) {
