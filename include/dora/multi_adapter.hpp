@@ -32,6 +32,7 @@
 /// Not supported: grouped convolutions (groups > 1; refused with the reason).
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <string>
 #include <utility>
@@ -369,8 +370,13 @@ class MultiAdapter {
 
   /// infer_mixed()'s workspace (one per thread).
   struct MixedWorkspace {
-    MatrixType xk, u, h;
+    struct Buffers {
+      MatrixType xk, u, h;
+    };
+    std::vector<Buffers> threads;             // one set per thread
+    std::vector<std::array<Index, 3>> tasks;  // adapter, first and last + 1 position in order
     std::vector<Index> order, start;
+    std::vector<char> stale;
     TokenIds ids;  // an embedding's ids
   };
 
@@ -378,6 +384,7 @@ class MultiAdapter {
   explicit MultiAdapter(const BaseType& base) : base_(base) { refresh_base(); }
 
   static constexpr std::uint64_t kDropoutStream = 0x9E3779B97F4A7C15ULL;  // the single layers' stream
+  static constexpr Index kMixedChunk = 64;                                // rows per task of a mixed batch
 
   // An adapter and its working state: the norm (and the evaluation cache), the dropout stream.
   struct Slot {
@@ -398,7 +405,7 @@ class MultiAdapter {
     Index prow = -1;    // its P^T's rows in P_ (a DoRA norm computed in this forward)
     Index qrow = -1;    // its exact-mode Q's rows in GS_ / DS_
     Index xd_adj = -1;  // its dropped input's adjoint rows in GS_ / DS_ (DoRA with dropout)
-    MatrixType u, H, mask, dxd;
+    MatrixType u, H, mask, dxd, du;
   };
 
   static const FactorSpec& spec() {
@@ -494,14 +501,17 @@ class MultiAdapter {
       if (st.dropout && !slot_of(st).a.is_dora()) st.xrow = rows, rows += N;
     }
     grow(XS_, rows, d_in());
-    if constexpr (!Embedding) XS_.topRows(N) = X;
+    if constexpr (!Embedding)
+      parallel_rows(N, d_in(), [&](Index b, Index e) { XS_.middleRows(b, e - b) = X.middleRows(b, e - b); });
     for (std::size_t i = 0; i < K; ++i) {
       Step& st = steps_[i];
       Slot& s = slot_of(st);
       if (st.dropout) {
         st.mask.resize(N, d_in());
         draw(s.dropout_rng, s.a.config.dropout, st.mask);
-        XS_.middleRows(st.xrow, N) = XS_.topRows(N).cwiseProduct(st.mask);
+        parallel_rows(N, d_in(), [&](Index b, Index e) {
+          XS_.middleRows(st.xrow + b, e - b) = XS_.middleRows(b, e - b).cwiseProduct(st.mask.middleRows(b, e - b));
+        });
       }
       if (st.prow >= 0) XS_.middleRows(st.prow, s.a.config.rank) = s.a.A;
     }
@@ -530,15 +540,19 @@ class MultiAdapter {
         R.noalias() += a.scaling * st.u * a.B.transpose();
         continue;
       }
+      st.H.resize(N, d_out());
       if (st.dropout) {
         // R += (g - 1) x_d W^T + g s L(x_d) = g H - x_d W^T, H = x_d W^T + s L(x_d).
-        st.H = P_.middleRows(st.xrow, N);
+        compose_rows(N, [&](Index t) { st.H.row(t) = P_.row(st.xrow + t); });
         st.H.noalias() += a.scaling * st.u * a.B.transpose();
         compose_rows(N, [&](Index t) { R.row(t) += st.H.row(t).cwiseProduct(s.g.transpose()) - P_.row(st.xrow + t); });
       } else {
-        st.H = R;
-        st.H.noalias() += a.scaling * st.u * a.B.transpose();
-        compose_rows(N, [&](Index t) { R.row(t) = st.H.row(t).cwiseProduct(s.g.transpose()); });
+        // H = R_{k-1} + s L (kept for backward), R_k = H g: one pass after the product.
+        R.noalias() += a.scaling * st.u * a.B.transpose();
+        compose_rows(N, [&](Index t) {
+          st.H.row(t) = R.row(t);
+          R.row(t) = R.row(t).cwiseProduct(s.g.transpose());
+        });
       }
     }
     const bool bias = has_bias();
@@ -558,15 +572,14 @@ class MultiAdapter {
   void backward_lowered(const Input& X, const Eigen::Ref<const MatrixType>& dy, Eigen::Ref<MatrixType>* dX) {
     DORA_CHECK_STATE(saved_, "backward needs a forward first (and one forward per backward)");
     const Index N = batch_;
-    G_ = dy;
-    // Rows of the stacked adjoint: G_0 (dense, when dx is wanted), dP_d of DoRA adapters with
-    // dropout (when dx is wanted), Q of exact-mode DoRA adapters.
+    // Rows of the stacked adjoint GS_: G (the gradient reaching R_0 = x W^T, on top; read by the
+    // adjoint when dx is wanted), dP_d of DoRA adapters with dropout (when dx is wanted), Q of
+    // exact-mode DoRA adapters. One product [G; dP_d...; Q...] W reads W once.
     const bool want_dx = !Embedding && dX != nullptr;
-    Index rows = want_dx ? N : 0;
+    Index rows = N;
     for (Step& st : steps_) {
       const AdapterType& a = slot_of(st).a;
-      st.qrow = -1;
-      st.xd_adj = -1;
+      st.qrow = st.xd_adj = -1;
       if (a.is_dora() && st.dropout && want_dx) st.xd_adj = rows, rows += N;
     }
     for (Step& st : steps_) {
@@ -574,16 +587,21 @@ class MultiAdapter {
       if (a.is_dora() && a.config.norm_gradient == NormGradient::exact) st.qrow = rows, rows += a.config.rank;
     }
     grow(GS_, rows, d_out());
-    if (want_dx) dX->setZero();
+    typename MatrixType::RowsBlockXpr G = GS_.topRows(N);
+    compose_rows(N, [&](Index t) { G.row(t) = dy.row(t); });
     const Index shift = Embedding ? N : 0;
     for (std::size_t i = steps_.size(); i-- > 0;) {
       Step& st = steps_[i];
       Slot& s = slot_of(st);
       AdapterType& a = s.a;
-      // Gs: the gradient reaching the low-rank branch's output s L (before the factor s).
+      const bool split = a.is_dora() && st.dropout;  // the branch's gradient differs from R_{k-1}'s
       if (a.is_dora()) {
+        // dg_j = sum_t G_tj H_tj (columns spread over threads), dm = dg / n.
         dg_.resize(d_out());
-        dg_.noalias() = G_.cwiseProduct(st.H).colwise().sum().transpose();
+        parallel_rows(d_out(), N, [&](Index b, Index e) {
+          dg_.segment(b, e - b).noalias() =
+              G.middleCols(b, e - b).cwiseProduct(st.H.middleCols(b, e - b)).colwise().sum().transpose();
+        });
         dm_ = dg_.cwiseQuotient(s.n_div);
         a.grad_m += dm_;
         if (a.config.norm_gradient == NormGradient::exact) {
@@ -599,48 +617,54 @@ class MultiAdapter {
           Kb_.noalias() = Qt_ * a.B;
           a.grad_A.noalias() += a.scaling * Kb_ * a.A;
         }
-        if (st.dropout) {
-          // R_{k-1} passes G on unchanged; the dropped base part x_d W^T gets G (g - 1).
-          if (want_dx)
-            compose_rows(N, [&](Index t) {
-              GS_.row(st.xd_adj + t) = G_.row(t).cwiseProduct((s.g.array() - Scalar(1)).matrix().transpose());
-            });
-          Gs_ = G_ * s.g.asDiagonal();
+        if (split) {
+          // R_{k-1} passes G on unchanged; the branch gets G g and the dropped base part x_d W^T
+          // gets G (g - 1).
+          Gs_.resize(N, d_out());
+          compose_rows(N, [&](Index t) {
+            Gs_.row(t) = G.row(t).cwiseProduct(s.g.transpose());
+            if (want_dx) GS_.row(st.xd_adj + t) = Gs_.row(t) - G.row(t);
+          });
         } else {
-          compose_rows(N, [&](Index t) { G_.row(t) = G_.row(t).cwiseProduct(s.g.transpose()); });
+          compose_rows(N, [&](Index t) { G.row(t) = G.row(t).cwiseProduct(s.g.transpose()); });
         }
       }
-      const MatrixType& Gs = a.is_dora() && st.dropout ? Gs_ : G_;
+      const Eigen::Ref<const MatrixType> Gs =
+          split ? Eigen::Ref<const MatrixType>(Gs_) : Eigen::Ref<const MatrixType>(G);
       a.grad_B.noalias() += a.scaling * Gs.transpose() * st.u;
-      du_.resize(N, a.config.rank);
-      du_.noalias() = a.scaling * Gs * a.B;
-      low_rank_grad(X, st, du_, a.grad_A);
+      st.du.resize(N, a.config.rank);
+      st.du.noalias() = a.scaling * Gs * a.B;
+      low_rank_grad(X, st, st.du, a.grad_A);
+    }
+    // The one adjoint pass: straight into dx when it is all there is.
+    const Index first = want_dx ? 0 : N;
+    if (want_dx && rows == N) {
+      stacked_adjoint(G, *dX);
+    } else if (rows > first) {
+      grow(DS_, rows, d_in());
+      typename MatrixType::RowsBlockXpr DS = DS_.middleRows(first, rows - first);
+      stacked_adjoint(GS_.middleRows(first, rows - first), DS);
       if (want_dx) {
-        if (st.dropout) {
-          st.dxd.resize(N, d_in());
-          st.dxd.noalias() = du_ * a.A;
-        } else {
-          dX->noalias() += du_ * a.A;
-        }
+        Eigen::Ref<MatrixType>& dx = *dX;
+        parallel_rows(N, d_in(), [&](Index b, Index e) { dx.middleRows(b, e - b) = DS_.middleRows(b, e - b); });
       }
     }
-    if (want_dx) GS_.topRows(N) = G_;
-    if (rows > 0) {
-      grow(DS_, rows, d_in());
-      typename MatrixType::RowsBlockXpr DS = DS_.topRows(rows);
-      stacked_adjoint(GS_.topRows(rows), DS);
-      if (want_dx) *dX += DS_.topRows(N);
-      for (Step& st : steps_) {
-        AdapterType& a = slot_of(st).a;
-        if (st.qrow >= 0) a.grad_A += DS_.middleRows(st.qrow, a.config.rank);
-        if (want_dx && st.dropout) {
-          if (a.is_dora()) st.dxd += DS_.middleRows(st.xd_adj, N);
-          *dX += st.dxd.cwiseProduct(st.mask);
-        }
+    for (Step& st : steps_) {
+      AdapterType& a = slot_of(st).a;
+      if (st.qrow >= 0) a.grad_A += DS_.middleRows(st.qrow, a.config.rank);
+      if (!want_dx) continue;
+      if (!st.dropout) {
+        dX->noalias() += st.du * a.A;
+        continue;
       }
-    } else if (want_dx) {
-      for (Step& st : steps_)
-        if (st.dropout) *dX += st.dxd.cwiseProduct(st.mask);
+      // dx += mask . (du A + dP_d W) for an adapter that saw the dropped input.
+      st.dxd.resize(N, d_in());
+      st.dxd.noalias() = st.du * a.A;
+      if (a.is_dora()) st.dxd += DS_.middleRows(st.xd_adj, N);
+      Eigen::Ref<MatrixType>& dx = *dX;
+      parallel_rows(N, d_in(), [&](Index b, Index e) {
+        dx.middleRows(b, e - b) += st.dxd.middleRows(b, e - b).cwiseProduct(st.mask.middleRows(b, e - b));
+      });
     }
     saved_ = false;
   }
@@ -742,13 +766,19 @@ class MultiAdapter {
     for (Index t = 0; t < rows; ++t)
       w.order[static_cast<std::size_t>(w.start[static_cast<std::size_t>(of_row[t] + 1)]++)] = t;
     // w.start[k + 1] is now where adapter k's rows end; they begin at w.start[k].
+    // Each used DoRA adapter's cache must match its parameters: r (d_in + d_out) + d_out reads per
+    // adapter, spread over threads (16 adapters of rank 16 at 4096 x 4096 are 8 MB).
+    w.stale.assign(static_cast<std::size_t>(K), 0);
+#pragma omp parallel for schedule(dynamic) if (K > 1 && !omp_in_parallel())
     for (Index k = 0; k < K; ++k) {
       const Slot& s = slots_[static_cast<std::size_t>(k)];
       const Index begin = w.start[static_cast<std::size_t>(k)], end = w.start[static_cast<std::size_t>(k + 1)];
-      if (begin < end && s.a.is_dora())
-        DORA_CHECK_STATE(cache_matches(s), "infer_mixed: DoRA adapter '", s.a.name,
-                         "' has no cached norm for its current A, B, m: call prepare_inference() first");
+      if (begin < end && s.a.is_dora() && !cache_matches(s)) w.stale[static_cast<std::size_t>(k)] = 1;
     }
+    for (Index k = 0; k < K; ++k)
+      DORA_CHECK_STATE(!w.stale[static_cast<std::size_t>(k)], "infer_mixed: DoRA adapter '",
+                       slots_[static_cast<std::size_t>(k)].a.name,
+                       "' has no cached norm for its current A, B, m: call prepare_inference() first");
     if constexpr (Embedding) {
       for (Index t = 0; t < rows; ++t) {
         typename Eigen::Ref<MatrixType>::RowXpr row = y.row(t);
@@ -758,50 +788,61 @@ class MultiAdapter {
       (void)ids;
       frozen_product(X, base_.weight, y);
     }
-    // The workspaces take the largest adapter's rows and rank and are used through blocks, so that
-    // a steady state (the same batch sizes) allocates nothing.
-    Index most = 0, rank = 0;
-    for (Index k = 0; k < K; ++k) {
-      most = std::max(most, w.start[static_cast<std::size_t>(k + 1)] - w.start[static_cast<std::size_t>(k)]);
-      rank = std::max(rank, slots_[static_cast<std::size_t>(k)].a.config.rank);
-    }
-    grow(w.u, most, rank);
-    grow(w.h, most, d_out());
-    if constexpr (!Embedding) grow(w.xk, most, d_in());
+    // Tasks of at most kMixedChunk rows of one adapter, spread over threads (the rows of different
+    // tasks are disjoint), each thread with its own buffers: a thread's products are small and run
+    // on that thread alone, and many adapters with few rows each keep every thread busy.
+    w.tasks.clear();
+    Index rank = 0;
     for (Index k = 0; k < K; ++k) {
       const Index begin = w.start[static_cast<std::size_t>(k)], end = w.start[static_cast<std::size_t>(k + 1)];
-      if (begin == end) continue;
-      const Slot& s = slots_[static_cast<std::size_t>(k)];
+      for (Index b = begin; b < end; b += kMixedChunk) w.tasks.push_back({k, b, std::min(end, b + kMixedChunk)});
+      rank = std::max(rank, slots_[static_cast<std::size_t>(k)].a.config.rank);
+    }
+    int threads = 1;
+#ifdef _OPENMP
+    if (!omp_in_parallel() && w.tasks.size() > 1)
+      threads = std::max(1, std::min(omp_get_max_threads(), static_cast<int>(w.tasks.size())));
+#endif
+    if (w.threads.size() < static_cast<std::size_t>(threads)) w.threads.resize(static_cast<std::size_t>(threads));
+    for (int t = 0; t < threads; ++t) {
+      typename MixedWorkspace::Buffers& buf = w.threads[static_cast<std::size_t>(t)];
+      grow(buf.u, kMixedChunk, rank);
+      grow(buf.h, kMixedChunk, d_out());
+      if constexpr (!Embedding) grow(buf.xk, kMixedChunk, d_in());
+    }
+    const Index tasks = static_cast<Index>(w.tasks.size());
+#pragma omp parallel for num_threads(threads) schedule(dynamic) if (threads > 1)
+    for (Index task = 0; task < tasks; ++task) {
+      int me = 0;
+#ifdef _OPENMP
+      if (threads > 1) me = omp_get_thread_num();
+#endif
+      typename MixedWorkspace::Buffers& buf = w.threads[static_cast<std::size_t>(me)];
+      const std::array<Index, 3>& job = w.tasks[static_cast<std::size_t>(task)];
+      const Slot& s = slots_[static_cast<std::size_t>(job[0])];
       const AdapterType& a = s.a;
-      const Index n = end - begin, r = a.config.rank;
-      const Index* rows_k = w.order.data() + begin;
+      const Index n = job[2] - job[1], r = a.config.rank;
+      const Index* rows_k = w.order.data() + job[1];
       // u contiguous (a map on the buffer, not a corner of it): a one-row product is then a gemv on
       // its data, where a strided corner would be copied.
-      Eigen::Map<MatrixType> u(w.u.data(), n, r);
-      typename MatrixType::RowsBlockXpr h = w.h.topRows(n);
+      Eigen::Map<MatrixType> u(buf.u.data(), n, r);
+      typename MatrixType::RowsBlockXpr h = buf.h.topRows(n);
       if constexpr (Embedding) {
         for (Index i = 0; i < n; ++i) u.row(i) = a.A.col(static_cast<Index>((*ids)[rows_k[i]])).transpose();
       } else {
-        typename MatrixType::RowsBlockXpr xk = w.xk.topRows(n);
-        parallel_rows(n, d_in(), [&](Index b, Index e) {
-          for (Index i = b; i < e; ++i) xk.row(i) = X.row(rows_k[i]);
-        });
+        typename MatrixType::RowsBlockXpr xk = buf.xk.topRows(n);
+        for (Index i = 0; i < n; ++i) xk.row(i) = X.row(rows_k[i]);
         u.noalias() = xk * a.A.transpose();
       }
-      parallel_rows(n, d_out(), [&](Index b, Index e) {
-        for (Index i = b; i < e; ++i) h.row(i) = y.row(rows_k[i]);
-      });
+      for (Index i = 0; i < n; ++i) h.row(i) = y.row(rows_k[i]);
       u *= a.scaling;  // scaled first: a scaled operand of a one-row product would be copied
       h.noalias() += u * a.B.transpose();
-      const bool dora = a.is_dora();
-      parallel_rows(n, d_out(), [&](Index b, Index e) {
-        for (Index i = b; i < e; ++i) {
-          if (dora)
-            y.row(rows_k[i]) = h.row(i).cwiseProduct(s.g.transpose());
-          else
-            y.row(rows_k[i]) = h.row(i);
-        }
-      });
+      for (Index i = 0; i < n; ++i) {
+        if (a.is_dora())
+          y.row(rows_k[i]) = h.row(i).cwiseProduct(s.g.transpose());
+        else
+          y.row(rows_k[i]) = h.row(i);
+      }
     }
     if (has_bias()) {
       compose_rows(rows, [&](Index t) { y.row(t) += bias_row(); });
@@ -832,7 +873,7 @@ class MultiAdapter {
   Index batch_ = 0;
   std::vector<Step> steps_;
   TokenIds ids_;  // embedding: the last forward's ids
-  MatrixType XS_, P_, G_, Gs_, GS_, DS_, du_, Qt_, Kb_, empty_;
+  MatrixType XS_, P_, Gs_, GS_, DS_, Qt_, Kb_, empty_;
   VectorType dg_, dm_, beta_n_;
 };
 
