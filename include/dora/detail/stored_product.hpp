@@ -275,6 +275,10 @@ template <typename Scalar, typename Storage>
 Matrix<Scalar> weight_dense(const StoredWeight<Storage>& W) {
   return dequantize<Scalar>(W);
 }
+template <typename Scalar, typename Storage>
+Matrix<Scalar> weight_dense(const TransposedStored<Storage>& T) {
+  return dequantize<Scalar>(T.table).transpose();
+}
 
 }  // namespace detail
 }  // namespace dora
