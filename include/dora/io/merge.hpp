@@ -317,6 +317,7 @@ inline MergeReport merge_checkpoint(const std::string& base, const std::vector<s
                           " is not one of F16, BF16, F32, F64 (MergeOptions::dtype converts floating tensors only)");
   if (adapter_dirs.empty()) detail::peft_fail(out, "no adapter to merge");
   std::vector<std::unique_ptr<PeftAdapter>> adapters;
+  adapters.reserve(adapter_dirs.size());
   for (const std::string& dir : adapter_dirs) adapters.push_back(std::make_unique<PeftAdapter>(dir));
   detail::BaseCheckpoint ckpt(base);
 
