@@ -2,10 +2,13 @@
 // File helpers shared by the I/O tests (the sources of test_io).
 
 #include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <dora/io/safetensors.hpp>
 #include <fstream>
@@ -23,6 +26,39 @@ dora::Matrix<Scalar> rows_first(const dora::io::SafetensorsReader& r, const std:
   const Eigen::Index rows = t.shape.empty() ? 1 : t.shape[0];
   return r.reshaped<Scalar>(key, rows, t.numel() / rows);
 }
+
+inline bool exists(const std::string& p) {
+  struct stat st;
+  return ::stat(p.c_str(), &st) == 0;
+}
+
+inline std::vector<std::string> list_dir(const std::string& dir);
+
+inline void remove_tree(const std::string& p) {
+  struct stat st;
+  if (::lstat(p.c_str(), &st) != 0) return;
+  if (S_ISDIR(st.st_mode)) {
+    for (const std::string& n : list_dir(p)) remove_tree(p + "/" + n);
+    ::rmdir(p.c_str());
+  } else {
+    std::remove(p.c_str());
+  }
+}
+
+/// A fresh directory under /tmp, removed with everything in it at the end of the scope.
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char tmpl[] = "/tmp/dora_test_XXXXXX";
+    const char* d = ::mkdtemp(tmpl);
+    REQUIRE(d != nullptr);
+    path = d;
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  ~TempDir() { remove_tree(path); }
+  std::string operator/(const std::string& name) const { return path + "/" + name; }
+};
 
 inline nlohmann::json read_json(const std::string& path) {
   std::ifstream in(path);

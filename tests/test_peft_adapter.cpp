@@ -56,34 +56,6 @@ using MatF = dora::Matrix<float>;
 
 const std::string kData = std::string(DORA_TEST_DATA_DIR) + "/peft";
 
-bool exists(const std::string& p) {
-  struct stat st;
-  return ::stat(p.c_str(), &st) == 0;
-}
-
-void remove_tree(const std::string& p) {
-  struct stat st;
-  if (::lstat(p.c_str(), &st) != 0) return;
-  if (S_ISDIR(st.st_mode)) {
-    for (const std::string& n : list_dir(p)) remove_tree(p + "/" + n);
-    ::rmdir(p.c_str());
-  } else {
-    std::remove(p.c_str());
-  }
-}
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/tmp/dora_peft_test_XXXXXX";
-    const char* d = ::mkdtemp(tmpl);
-    REQUIRE(d != nullptr);
-    path = d;
-  }
-  ~TempDir() { remove_tree(path); }
-  std::string operator/(const std::string& name) const { return path + "/" + name; }
-};
-
 void write_text(const std::string& path, const std::string& s) {
   std::ofstream out(path, std::ios::binary);
   out << s;

@@ -10,6 +10,7 @@
 #include "init.hpp"
 #include "lora_linear.hpp"
 #include "magnitude.hpp"
+#include "optim.hpp"
 #include "multi_adapter.hpp"
 #include "row_norm.hpp"
 #include "storage.hpp"

@@ -116,6 +116,10 @@ class Adapter {
   /// seed_dropout(config().seed) restarts the stream a new layer starts with. The seed is mixed
   /// with a constant so that masks never replay the draws that initialised A from the same seed.
   void seed_dropout(std::uint64_t seed) { dropout_rng_.seed(seed ^ kDropoutStream); }
+  /// The dropout stream's exact state (text), for checkpoints: set_dropout_state() continues the
+  /// stream where it was, so a resumed run draws the masks the uninterrupted one would.
+  std::string dropout_state() const { return dropout_rng_.state(); }
+  void set_dropout_state(const std::string& state) { dropout_rng_.set_state(state); }
 
   /// True between a forward and the backward that consumes its saved activations.
   bool has_saved_activations() const { return saved_; }

@@ -8,6 +8,10 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <sstream>
+#include <string>
+
+#include "check.hpp"
 
 namespace dora::detail {
 
@@ -21,6 +25,24 @@ class Rng {
 
   /// Uniform in [lo, hi).
   double uniform(double lo, double hi) { return lo + (hi - lo) * uniform(); }
+
+  /// The generator's whole state as text (std::mt19937_64's standard textual form: 312 words and
+  /// a position), for checkpoints; set_state() restores it exactly.
+  std::string state() const {
+    std::ostringstream out;
+    out << engine_;
+    return out.str();
+  }
+  /// Throws std::invalid_argument (the generator unchanged) if `text` is not such a state.
+  void set_state(const std::string& text) {
+    std::istringstream in(text);
+    std::mt19937_64 e;
+    in >> e;
+    std::string rest;
+    DORA_CHECK_ARG(!in.fail() && !(in >> rest), "not a random generator state (std::mt19937_64's text form): '",
+                   text.substr(0, 40), text.size() > 40 ? "...'" : "'");
+    engine_ = e;
+  }
 
   /// Standard normal by Box-Muller; 1 - uniform() lies in (0, 1], so the log is finite.
   double normal() {

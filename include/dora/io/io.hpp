@@ -7,6 +7,7 @@
 #include "dora/io/detail/platform.hpp"
 // clang-format on
 
+#include "dora/io/checkpoint.hpp"
 #include "dora/io/error.hpp"
 #include "dora/io/fs.hpp"
 #include "dora/io/merge.hpp"
