@@ -763,6 +763,35 @@ TEST_CASE("Multi-adapter layers allocate nothing in steady state", "[multi][allo
   CHECK(ym.allFinite());
 }
 
+TEST_CASE("Optimizer steps and clipping allocate nothing in steady state", "[optim][alloc]") {
+  AllocSetup s;
+  dora::DoraLinear<float> layer(dora::borrow(s.W, s.b), alloc_config(0.1, dora::NormGradient::detached), s.A, s.B);
+  dora::AdamWOptions o;
+  o.amsgrad = true;
+  dora::AdamW<float> adamw(dora::dora_parameter_groups(layer.parameters(), 1e-3, 0.01, 4.0), o);
+  dora::SGDOptions so;
+  so.momentum = 0.9;
+  so.nesterov = true;
+  dora::SGD<float> sgd(dora::dora_parameter_groups(layer.parameters(), 1e-3, 0.01), so);
+  const dora::WarmupCosine schedule{2, 10, 0.0};
+  Mat<float> y(s.x.rows(), s.W.rows()), dx(s.x.rows(), s.W.cols());
+  const auto step = [&](long t) {
+    layer.forward(s.x, y);
+    layer.backward(s.dy, dx);
+    dora::clip_grad_norm(adamw.groups(), 1.0);
+    adamw.set_lr_factor(schedule(t));
+    adamw.step();
+    sgd.step();
+    adamw.zero_grad();
+  };
+  step(0);  // sizes the workspaces and the optimizers' state
+  {
+    NoMalloc guard;
+    for (long t = 1; t < 4; ++t) step(t);
+  }
+  CHECK(layer.lora_A().allFinite());
+}
+
 TEST_CASE("The no-malloc guard does catch an allocation", "[alloc]") {
   // Without this, the test above could pass because nothing was checked.
   Mat<float> a = random_matrix<float>(8, 8, 1);

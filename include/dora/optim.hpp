@@ -25,6 +25,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -34,8 +35,9 @@
 namespace dora {
 
 /// A set of parameters with its own learning rate and weight decay (torch's param_groups).
-template <typename Scalar>
+template <typename Scalar_>
 struct ParamGroup {
+  using Scalar = Scalar_;
   std::vector<Parameter<Scalar>> params;
   double lr = 1e-3;
   double weight_decay = 0.0;
@@ -285,31 +287,41 @@ class SGD : public detail::Optimizer<Scalar> {
   std::vector<Vector<Scalar>> buf_;
 };
 
+namespace detail {
+
+// Calls f(parameter) for every parameter of a list or of every group.
+template <typename Scalar, typename F>
+void for_each_parameter(std::vector<Parameter<Scalar>>& params, F&& f) {
+  for (Parameter<Scalar>& p : params) f(p);
+}
+template <typename Scalar, typename F>
+void for_each_parameter(std::vector<ParamGroup<Scalar>>& groups, F&& f) {
+  for (ParamGroup<Scalar>& g : groups)
+    for (Parameter<Scalar>& p : g.params) f(p);
+}
+
+}  // namespace detail
+
 /// torch.nn.utils.clip_grad_norm_(params, max_norm) (2-norm): scales every gradient by
 /// min(1, max_norm / (total + 1e-6)), total the 2-norm of all gradients together; returns total.
-/// A non-finite total is returned and the gradients are left as they are (torch's
-/// error_if_nonfinite=False would scale them by NaN).
-template <typename Scalar>
-double clip_grad_norm(std::vector<Parameter<Scalar>>& params, double max_norm) {
+/// `params`: a vector of Parameter views, or of ParamGroups (an optimizer's groups()). A non-finite
+/// total is returned and the gradients are left as they are (torch's error_if_nonfinite=False would
+/// scale them by NaN). Allocates nothing.
+template <typename Params>
+double clip_grad_norm(Params& params, double max_norm) {
   DORA_CHECK_ARG(max_norm > 0.0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
+  using Scalar = typename std::decay_t<decltype(params.front())>::Scalar;
   // Each tensor's norm in Scalar (as torch's vector_norm), then the norm of those norms.
   double sum = 0.0;
-  for (const Parameter<Scalar>& p : params) {
+  detail::for_each_parameter(params, [&](Parameter<Scalar>& p) {
     const double n = static_cast<double>(static_cast<Scalar>(p.grad.template cast<double>().norm()));
     sum += n * n;
-  }
+  });
   const Scalar total = static_cast<Scalar>(std::sqrt(sum));
   if (!std::isfinite(static_cast<double>(total))) return static_cast<double>(total);
   const Scalar coef = std::min(Scalar(1), static_cast<Scalar>(max_norm) / (total + static_cast<Scalar>(1e-6)));
-  for (Parameter<Scalar>& p : params) p.grad *= coef;
+  detail::for_each_parameter(params, [&](Parameter<Scalar>& p) { p.grad *= coef; });
   return static_cast<double>(total);
-}
-/// The same over every group of an optimizer.
-template <typename Scalar>
-double clip_grad_norm(std::vector<ParamGroup<Scalar>>& groups, double max_norm) {
-  std::vector<Parameter<Scalar>> all;
-  for (ParamGroup<Scalar>& g : groups) all.insert(all.end(), g.params.begin(), g.params.end());
-  return clip_grad_norm(all, max_norm);
 }
 
 /// Linear warm-up then cosine decay, as a LambdaLR factor of the step index s = 0, 1, ...:

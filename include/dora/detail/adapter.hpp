@@ -32,8 +32,9 @@ namespace dora {
 
 /// A flat view of one trainable tensor and its gradient, for optimizers that treat parameters
 /// uniformly (the view aliases the layer's own storage).
-template <typename Scalar>
+template <typename Scalar_>
 struct Parameter {
+  using Scalar = Scalar_;
   std::string name;  ///< PEFT's name: "lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", ...
   Eigen::Map<Vector<Scalar>> value;
   Eigen::Map<Vector<Scalar>> grad;
