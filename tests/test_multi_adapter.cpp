@@ -9,7 +9,7 @@
 //   test_contract.cpp, which builds with EIGEN_RUNTIME_NO_MALLOC.)
 
 #include <catch2/catch.hpp>
-#include <dora/io/safetensors.hpp>
+#include <dora/io/io.hpp>
 #include <dora/multi_adapter.hpp>
 #include <functional>
 #include <string>
@@ -570,4 +570,74 @@ TEST_CASE("Multi-adapter layers on a stored W equal them on the W it encodes", "
     std::printf("multi: bf16 embedding table vs the dense layer on the same values: %.2e\n", worst);
     CHECK(worst <= 1e-13);
   }
+}
+
+TEST_CASE("A stacked DoRA adapter's inactive row: zero output there, finite gradients, dm = 0", "[multi][edge]") {
+  // Row 0 of W and of the second adapter's B are zero: that adapter's direction V_0 = 0, so its
+  // row 0 is inactive (g_0 = 0, dm_0 = 0), the library's one rule (magnitude.hpp).
+  Mat<double> W = random_matrix<double>(5, 4, 81);
+  W.row(0).setZero();
+  const Mat<double> x = random_matrix<double>(3, 4, 82), dy = random_matrix<double>(3, 5, 83);
+  dora::MultiLinear<double> layer(dora::borrow(W));
+  dora::AdapterConfig c;
+  c.rank = 2;
+  c.init = dora::Init::user;
+  c.norm_gradient = dora::NormGradient::exact;
+  layer.add("a", dora::AdapterKind::dora, c, random_matrix<double>(2, 4, 84), random_matrix<double>(5, 2, 85));
+  Mat<double> B = random_matrix<double>(5, 2, 86);
+  B.row(0).setZero();
+  layer.add("b", dora::AdapterKind::dora, c, random_matrix<double>(2, 4, 87), B).m[0] = 1.5;
+  layer.set_active({"a", "b"});
+  const Mat<double> y = layer.forward(x);
+  const Mat<double> dx = layer.backward(dy);
+  std::printf("multi: inactive row of a stacked DoRA adapter: y(:, 0) max |.| %.2e, grad_m_b[0] %.2e\n",
+              y.col(0).cwiseAbs().maxCoeff(), layer.adapter("b").grad_m[0]);
+  CHECK(y.col(0).cwiseAbs().maxCoeff() == 0.0);
+  CHECK(layer.adapter("b").grad_m[0] == 0.0);
+  CHECK(dx.allFinite());
+  for (const char* n : {"a", "b"}) {
+    CHECK(layer.adapter(n).grad_A.allFinite());
+    CHECK(layer.adapter(n).grad_B.allFinite());
+    CHECK(layer.adapter(n).grad_m.allFinite());
+  }
+  // Merged: the row is zero, and unmerge gives back 0 there (the single layers' rule).
+  const dora::MultiMerge<double> merged = layer.merge();
+  CHECK(merged.weight.row(0).cwiseAbs().maxCoeff() == 0.0);
+  CHECK(rel_err(layer.unmerge(merged).bottomRows(4), W.bottomRows(4)) <= 1e-14);
+}
+
+TEST_CASE("merge_checkpoint stacks adapters on a transposed (embedding) weight as MultiEmbedding::merge does",
+          "[multi][merge]") {
+  // An embedding's lowered map is the table's transpose, so merge_tensor takes its DoRA column norms
+  // over every row block first; a DoRA adapter after a LoRA one checks that it scales what was
+  // merged before it there too. Oracle: MultiEmbedding's merge of the same adapters (double).
+  const Mat<double> T = random_matrix<double>(40, 8, 91);
+  dora::AdapterConfig c;
+  c.rank = 2;
+  c.alpha = 4;
+  c.init = dora::Init::user;
+  const Mat<double> A1 = random_matrix<double>(2, 40, 92), B1 = random_matrix<double>(8, 2, 93);
+  const Mat<double> A2 = random_matrix<double>(2, 40, 94), B2 = random_matrix<double>(8, 2, 95);
+  dora::MultiEmbedding<double> multi(dora::borrow_embedding(T));
+  multi.add("first", dora::AdapterKind::lora, c, A1, B1);
+  multi.add("second", dora::AdapterKind::dora, c, A2, B2).m.array() *= 1.2;
+  multi.set_active({"first", "second"});
+  const Mat<double> want = multi.merge().weight;
+
+  TempDir tmp;
+  dora::io::SafetensorsWriter base(tmp / "base.safetensors");
+  base.add("emb.weight", T, dora::io::Dtype::F64);
+  base.finish();
+  dora::io::PeftAdapterWriter first(dora::io::Dtype::F64), second(dora::io::Dtype::F64);
+  first.add("emb", dora::LoraEmbedding<double>(dora::borrow_embedding(T), c, A1, B1));
+  dora::DoraEmbedding<double> d(dora::borrow_embedding(T), c, A2, B2);
+  d.set_magnitude(multi.adapter("second").m);
+  second.add("emb", d);
+  first.write(tmp / "first");
+  second.write(tmp / "second");
+  dora::io::merge_checkpoint(tmp / "base.safetensors", {tmp / "first", tmp / "second"}, tmp / "merged.safetensors");
+  const dora::io::SafetensorsReader got(tmp / "merged.safetensors");
+  const double e = rel_err(got.matrix<double>("emb.weight"), want);
+  std::printf("multi: merge_checkpoint LoRA then DoRA on an embedding vs MultiEmbedding::merge: %.2e\n", e);
+  CHECK(e <= 1e-14);
 }
