@@ -10,7 +10,6 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <zlib.h>
 
 #include <algorithm>
 #include <chrono>
@@ -34,6 +33,8 @@
 
 #include <dora/dora.hpp>
 
+#include "fashion_mnist_data.hpp"
+
 namespace {
 
 using Index = Eigen::Index;
@@ -54,60 +55,10 @@ class Rng {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Data: IDX files (big-endian header, then bytes), gzip-compressed, as Debian ships them.
-struct Images {
-  Mat x;               // N x 784, pixels scaled to [0, 1]
-  std::vector<int> y;  // labels 0..9
-};
-
-[[noreturn]] void missing_data(const std::string& path, const std::string& why) {
-  std::fprintf(stderr,
-               "fashion_mnist: cannot read %s (%s).\n"
-               "The demo needs the Fashion-MNIST data set as Debian packages it. Install it with\n"
-               "    sudo apt-get install dataset-fashion-mnist\n"
-               "or pass --data DIR, a folder with the four *-ubyte.gz files.\n",
-               path.c_str(), why.c_str());
-  std::exit(2);
-}
-
-std::vector<unsigned char> read_gz(const std::string& path) {
-  gzFile f = gzopen(path.c_str(), "rb");
-  if (f == nullptr) missing_data(path, std::strerror(errno));
-  std::vector<unsigned char> bytes;
-  unsigned char buf[1 << 16];
-  for (;;) {
-    const int got = gzread(f, buf, sizeof buf);
-    if (got < 0) {
-      gzclose(f);
-      missing_data(path, "corrupt gzip stream");
-    }
-    if (got == 0) break;
-    bytes.insert(bytes.end(), buf, buf + got);
-  }
-  gzclose(f);
-  return bytes;
-}
-
-std::uint32_t big_endian(const std::vector<unsigned char>& b, std::size_t at) {
-  return (std::uint32_t{b[at]} << 24) | (std::uint32_t{b[at + 1]} << 16) | (std::uint32_t{b[at + 2]} << 8) |
-         std::uint32_t{b[at + 3]};
-}
-
+// Data: fashion_mnist_data.hpp (shared with data_parallel.cpp).
+using fashion_mnist_data::Images;
 Images load_split(const std::string& dir, const std::string& prefix) {
-  const std::string image_path = dir + "/" + prefix + "-images-idx3-ubyte.gz";
-  const std::string label_path = dir + "/" + prefix + "-labels-idx1-ubyte.gz";
-  const std::vector<unsigned char> img = read_gz(image_path);
-  const std::vector<unsigned char> lab = read_gz(label_path);
-  if (img.size() < 16 || big_endian(img, 0) != 0x803) missing_data(image_path, "not an IDX image file");
-  if (lab.size() < 8 || big_endian(lab, 0) != 0x801) missing_data(label_path, "not an IDX label file");
-  const std::size_t n = big_endian(img, 4), rows = big_endian(img, 8), cols = big_endian(img, 12);
-  if (rows * cols != 784 || img.size() != 16 + n * 784) missing_data(image_path, "unexpected image shape");
-  if (big_endian(lab, 4) != n || lab.size() != 8 + n) missing_data(label_path, "label count differs from images");
-  Images out;
-  out.x.resize(static_cast<Index>(n), 784);
-  for (std::size_t i = 0; i < n * 784; ++i) out.x.data()[i] = static_cast<float>(img[16 + i]) / 255.0f;
-  out.y.assign(lab.begin() + 8, lab.end());
-  return out;
+  return fashion_mnist_data::load_split(dir, prefix, "fashion_mnist");
 }
 
 // A task: images, labels in 0..classes-1.

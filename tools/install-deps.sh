@@ -3,7 +3,8 @@
 # Run as root (or with sudo). Safe to run again: it installs nothing that is already there.
 set -euo pipefail
 packages=(g++ cmake make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libopenblas-dev zlib1g-dev
-          gnuplot-nox dataset-fashion-mnist clang-14 libclang-rt-14-dev libcli11-dev)
+          gnuplot-nox dataset-fashion-mnist clang-14 libclang-rt-14-dev libcli11-dev
+          libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -121,6 +121,15 @@ class Adapter {
   /// stream where it was, so a resumed run draws the masks the uninterrupted one would.
   std::string dropout_state() const { return dropout_rng_.state(); }
   void set_dropout_state(const std::string& state) { dropout_rng_.set_state(state); }
+  /// Advances the dropout stream past the masks of `rows` input rows, as a forward in training mode
+  /// on `rows` rows would (masks are drawn row by row, one draw per input element). Does nothing
+  /// when a forward would draw nothing (evaluation mode or p = 0). Data-parallel training
+  /// (dora::mpi::DataParallel::dropout_begin/end) uses it so that each rank draws exactly its rows
+  /// of the global batch's masks: the run then does not depend on how the batch is split.
+  void skip_dropout_rows(Index rows) {
+    DORA_CHECK_ARG(rows >= 0, "skip_dropout_rows: rows must be >= 0, got ", rows);
+    if (dropout_active()) dropout_rng_.discard(static_cast<std::uint64_t>(rows * derived().input_cols()));
+  }
 
   /// True between a forward and the backward that consumes its saved activations.
   bool has_saved_activations() const { return saved_; }

@@ -44,6 +44,9 @@ class Rng {
     engine_ = e;
   }
 
+  /// Advances the stream by n draws of uniform() (O(n)).
+  void discard(std::uint64_t n) { engine_.discard(n); }
+
   /// Standard normal by Box-Muller; 1 - uniform() lies in (0, 1], so the log is finite.
   double normal() {
     const double u1 = 1.0 - uniform();
