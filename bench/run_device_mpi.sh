@@ -2,8 +2,8 @@
 # Issue 14's scaling table (bench/mpi_scaling.cpp): K = 1, 2, 4, 8 ranks x 16 / K threads on the
 # device's 16 cores, a stack of 4096-wide DoRA layers (r = 16), a global batch of 512 rows split over
 # the ranks. The device has no MPI: .device-carry/mpi.tar.xz holds Debian 12's Open MPI 4.1.4 runtime
-# (orterun, its libraries and plugins, mpi.h), relocated with OPAL_PREFIX; Eigen as for
-# bench/run_device.sh. Writes to ${OUT:-bench-out}/.
+# (orterun, its libraries and plugins, mpi.h; made by bench/make_mpi_carry.sh), relocated with
+# OPAL_PREFIX; Eigen as for bench/run_device.sh. Writes to ${OUT:-bench-out}/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}
