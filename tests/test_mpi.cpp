@@ -144,6 +144,20 @@ TEST_CASE("A rank whose parameters drifted is named on every rank; different mod
       INFO(what);
       CHECK(what.find("the ranks' models differ: 2 to 3 trainable tensors") != std::string::npos);
     }
+    // Same number of tensors and of values, different shapes: 3 + 5 on rank 0, 5 + 3 elsewhere.
+    std::vector<double> values(8), grads(8);
+    const Eigen::Index first = r == 0 ? 3 : 5;
+    std::vector<dora::Parameter<double>> shuffled{
+        {"lora_A", {values.data(), first}, {grads.data(), first}},
+        {"lora_B", {values.data() + first, 8 - first}, {grads.data() + first, 8 - first}}};
+    try {
+      DataParallel<double> bad(shuffled);
+      FAIL("models with different shapes were accepted");
+    } catch (const dora::mpi::Error& e) {
+      const std::string what = e.what();
+      INFO(what);
+      CHECK(what.find("(same totals, different shapes)") != std::string::npos);
+    }
   }
 }
 
