@@ -5,6 +5,7 @@
 // wait_ms: a barrier before the allreduce (the ranks' imbalance: noise, uneven cores), measured apart
 // so that allreduce_ms is the communication alone; step_ms includes both.
 // bench/run_device_mpi.sh runs K = 1, 2, 4, 8 with 16 / K threads each on the device's 16 cores.
+// No dropout: with it, each rank would also skip (K - 1) / K of every mask's generator draws.
 //
 //   mpi_scaling [--width 4096] [--layers 4] [--rank 16] [--batch 512] [--steps 10] [--warmup 2]
 #include <algorithm>
@@ -34,6 +35,10 @@ double median(std::vector<double> v) {
 int main(int argc, char** argv) {
   dora::mpi::Environment env(argc, argv);
   Index width = 4096, layers = 4, rank = 16, batch = 512, steps = 10, warmup = 2;
+  if (argc % 2 == 0) {
+    std::fprintf(stderr, "mpi_scaling: options come in pairs (--name value)\n");
+    return 2;
+  }
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     const Index v = std::atol(argv[i + 1]);
@@ -89,7 +94,7 @@ int main(int argc, char** argv) {
     acts[0] = x;
     for (Index l = 0; l < layers; ++l) acts[l + 1] = stack[l]->forward(acts[l]);
     opt.zero_grad();
-    g = acts[layers] * (1.0f / static_cast<float>(batch));  // d(sum of squares / 2 / batch)
+    g = acts[layers] * (1.0f / static_cast<float>(batch));  // d(sum of squares / 2 / global batch)
     for (Index l = layers - 1; l >= 0; --l) {
       if (l > 0) {
         g = stack[l]->backward(g);
@@ -100,7 +105,7 @@ int main(int argc, char** argv) {
     const double w0 = MPI_Wtime();
     MPI_Barrier(dp.comm());
     const double w1 = MPI_Wtime();
-    dp.allreduce_gradients();
+    dp.allreduce_gradients(dora::mpi::Reduction::sum);  // each rank's loss is already over the global batch
     opt.step();
     const double t1 = MPI_Wtime();
     if (s >= warmup) {

@@ -560,6 +560,39 @@ TEMPLATE_TEST_CASE("Contract: zero_grad, accumulation, and parameters() alias th
   CHECK(copied[0].value.data() != layer.lora_A().data());
 }
 
+TEMPLATE_TEST_CASE(
+    "Contract: skip_dropout_rows(h) then a forward of the other rows draws them as one forward of all would",
+    "[contract][dropout]", DORA_CONTRACT_LAYERS) {
+  // What data-parallel training relies on (dora::mpi::DataParallel::dropout_begin/end): a rank that
+  // skips the rows before its share draws exactly its rows of one process's masks.
+  using E = TestType;
+  using S = typename E::Scalar;
+  if constexpr (E::Fixture::has_dropout) {
+    Case<E> c(dora::NormGradient::detached, 0.4);
+    typename E::Layer whole = c.make(), first = c.make(), second = c.make();
+    const Mat<S> x = c.fx.input(6);  // the fixture's batch, split in two shares
+    const Eigen::Index h = x.rows() / 2;
+    REQUIRE(h >= 1);
+    whole.forward(x);
+    first.forward(Mat<S>(x.topRows(h)));
+    first.skip_dropout_rows(x.rows() - h);
+    second.skip_dropout_rows(h);
+    second.forward(Mat<S>(x.bottomRows(x.rows() - h)));
+    const double err = rel_err(first.dropout_mask(), Mat<S>(whole.dropout_mask().topRows(h))) +
+                       rel_err(second.dropout_mask(), Mat<S>(whole.dropout_mask().bottomRows(x.rows() - h)));
+    std::printf("contract %-28s dropout shards vs the whole batch: error %.1e\n", E::name(), err);
+    CHECK(err == 0.0);
+    CHECK(whole.dropout_mask().minCoeff() == S(0));  // the masks do drop something
+    CHECK(first.dropout_state() == whole.dropout_state());
+    CHECK(second.dropout_state() == whole.dropout_state());
+    // Nothing is skipped where a forward would draw nothing: evaluation mode.
+    const std::string before = whole.dropout_state();
+    whole.eval();
+    whole.skip_dropout_rows(5);
+    CHECK(whole.dropout_state() == before);
+  }
+}
+
 TEMPLATE_TEST_CASE("Contract: no heap allocation in steady state", "[contract][no_malloc]", DORA_CONTRACT_LAYERS) {
   using E = TestType;
   using L = typename E::Layer;

@@ -2,6 +2,13 @@
 // (ctest runs it with mpiexec -np 2): every rank also computes, alone, what one process would do
 // with the whole global batch, and checks that the ranks together reproduce it.
 #define CATCH_CONFIG_RUNNER
+// Eigen heap allocations throw where they are forbidden (the steady-state test below).
+#define EIGEN_RUNTIME_NO_MALLOC
+#include <stdexcept>
+#define eigen_assert(x)                                             \
+  do {                                                              \
+    if (!(x)) throw std::runtime_error("eigen_assert failed: " #x); \
+  } while (false)
 #include <catch2/catch.hpp>
 #include <dora/mpi/data_parallel.hpp>
 #include <string>
@@ -129,12 +136,14 @@ TEST_CASE("A rank whose parameters drifted is named on every rank; different mod
       const std::string what = e.what();
       INFO(what);
       CHECK(what.find("tensor #4 ('lora_B'") != std::string::npos);
+      CHECK(what.find("rank 0") != std::string::npos);
+      CHECK(what.find("rank " + std::to_string(k - 1)) != std::string::npos);
     }
   }
-  // Rank 0 has one layer, the others two (with one rank: a smaller layer than declared by the sizes).
+  // Rank 0 has the layer's 3 tensors, the others 2 of them.
   dora::DoraLinear<double> c(dora::borrow(W), config(0.0));
   std::vector<dora::Parameter<double>> params = c.parameters();
-  if (r != 0 || k == 1) params.pop_back();
+  params.pop_back();
   if (k > 1) {
     try {
       DataParallel<double> bad(r == 0 ? c.parameters() : params);
@@ -159,6 +168,38 @@ TEST_CASE("A rank whose parameters drifted is named on every rank; different mod
       CHECK(what.find("(same totals, different shapes)") != std::string::npos);
     }
   }
+}
+
+TEST_CASE("allreduce_gradients and check_parameters_identical allocate nothing (Eigen's heap forbidden)", "[mpi]") {
+  const Mat<float> W = random_matrix<float>(64, 48, 9);
+  dora::DoraLinear<float> a(dora::borrow(W), config(0.0)), b(dora::borrow(W), config(0.0));
+  std::vector<dora::Parameter<float>> params = a.parameters();
+  for (const dora::Parameter<float>& p : b.parameters()) params.push_back(p);
+  DataParallel<float> dp(params);
+  dp.allreduce_gradients();  // buffers are made by the constructor; this is already steady state
+  Eigen::internal::set_is_malloc_allowed(false);
+  bool threw = false;
+  try {
+    for (int i = 0; i < 3; ++i) {
+      dp.allreduce_gradients();
+      dp.check_parameters_identical();
+    }
+  } catch (const std::runtime_error&) {
+    threw = true;
+  }
+  Eigen::internal::set_is_malloc_allowed(true);
+  CHECK_FALSE(threw);
+  // The guard fires: an Eigen allocation under it throws.
+  Eigen::internal::set_is_malloc_allowed(false);
+  bool fired = false;
+  try {
+    Mat<float> m(8, 8);
+    m.setZero();
+  } catch (const std::runtime_error&) {
+    fired = true;
+  }
+  Eigen::internal::set_is_malloc_allowed(true);
+  CHECK(fired);
 }
 
 int main(int argc, char** argv) {

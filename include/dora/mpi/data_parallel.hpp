@@ -9,9 +9,11 @@
 ///     ranks by one MPI_Allreduce and divided by the number of ranks (the mean of the ranks' mean
 ///     losses is the global batch's mean loss when the shares are equal);
 ///   - broadcast_parameters(): rank 0's parameters to every rank, once after initialisation;
-///   - check_parameters_identical(): a hash of every tensor compared across the ranks; a replica that
-///     drifted is named in an exception thrown on every rank (never a hang);
-///   - dropout_begin/dropout_end: each rank draws exactly its rows of the global batch's dropout masks.
+///   - check_parameters_identical(): a hash of every tensor compared across the ranks; a tensor that
+///     differs is named, with two ranks that disagree on it, in an exception thrown on every rank
+///     (never one rank throwing while the others wait);
+///   - dropout_begin/dropout_end: each rank draws exactly its rows of the global batch's dropout masks
+///     (equal shares; the single-adapter layers: the Multi* layers have no skip_dropout_rows yet).
 ///
 /// The seed discipline (docs/training.md): every rank uses the same seeds for everything (the
 /// adapters' initialisation, the order of the data, the dropout streams) and takes rows
@@ -20,9 +22,14 @@
 /// the dropout streams and the parameters are identical on every rank, and rank 0 alone writes the
 /// checkpoints (dora::io::save_checkpoint), which resume on any number of ranks.
 ///
-/// Threads: MPI is called from the thread that calls these functions only (MPI_THREAD_FUNNELED is
-/// enough); each rank may run OpenMP threads in its own products. The communicator is duplicated, so
-/// these collectives never match the caller's own messages.
+/// Threads: call these functions from the thread that initialised MPI (MPI_THREAD_FUNNELED, which
+/// Environment requests and checks); each rank may run OpenMP threads in its own products. The
+/// communicator is duplicated, so these collectives never match the caller's own messages.
+///
+/// Errors. Disagreements between ranks (different models, drifted parameters) are detected by a
+/// collective, so every rank throws dora::mpi::Error together and may go on or stop. A failing MPI
+/// call is not recoverable (the other ranks would wait in the collective forever): it prints its
+/// message and calls MPI_Abort, which ends the job.
 
 // MPI's C API only: the C++ bindings (removed in MPI-3) are skipped, which also spares their warnings.
 #ifndef OMPI_SKIP_MPICXX
@@ -34,7 +41,9 @@
 #include <mpi.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -65,12 +74,15 @@ inline MPI_Datatype datatype<double>() {
   return MPI_DOUBLE;
 }
 
+// A failed MPI call on this rank: the others may already wait in the collective, so nothing can be
+// recovered; say what failed and end the job.
 inline void check(int code, const char* call) {
   if (code == MPI_SUCCESS) return;
   char text[MPI_MAX_ERROR_STRING];
   int length = 0;
   MPI_Error_string(code, text, &length);
-  throw Error(std::string("dora::mpi: ") + call + " failed: " + std::string(text, static_cast<std::size_t>(length)));
+  std::fprintf(stderr, "dora::mpi: %s failed: %.*s; aborting the job\n", call, length, text);
+  MPI_Abort(MPI_COMM_WORLD, 1);
 }
 
 // 64-bit hash of a tensor's bytes (FNV-1a over 8-byte words with a final avalanche): equal tensors
@@ -112,11 +124,18 @@ class Environment {
     int provided = 0;
     detail::check(MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided), "MPI_Init_thread");
     owner_ = true;
+    if (provided < MPI_THREAD_FUNNELED) {
+      MPI_Finalize();
+      throw Error("dora::mpi::Environment: this MPI provides thread level " + std::to_string(provided) +
+                  ", below MPI_THREAD_FUNNELED (needed: OpenMP threads run between MPI calls)");
+    }
   }
+  /// MPI_Finalize, unless an exception is propagating: finalizing is collective, and ranks that did
+  /// not throw would wait for this one (catch, report and MPI_Abort instead).
   ~Environment() {
     int done = 0;
     MPI_Finalized(&done);
-    if (owner_ && done == 0) MPI_Finalize();
+    if (owner_ && done == 0 && std::uncaught_exceptions() == 0) MPI_Finalize();
   }
   Environment(const Environment&) = delete;
   Environment& operator=(const Environment&) = delete;
@@ -182,10 +201,12 @@ class DataParallel {
   explicit DataParallel(const std::vector<ParamGroup<Scalar>>& groups, MPI_Comm comm = MPI_COMM_WORLD)
       : DataParallel(flatten(groups), comm) {}
 
+  /// Frees the duplicated communicator (collective), unless an exception is propagating: then
+  /// the other ranks may not be here to free theirs.
   ~DataParallel() {
     int done = 0;
     MPI_Finalized(&done);
-    if (done == 0 && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+    if (done == 0 && comm_ != MPI_COMM_NULL && std::uncaught_exceptions() == 0) MPI_Comm_free(&comm_);
   }
   DataParallel(const DataParallel&) = delete;
   DataParallel& operator=(const DataParallel&) = delete;
@@ -193,7 +214,8 @@ class DataParallel {
   int rank() const { return rank_; }
   int size() const { return size_; }
   bool is_root() const { return rank_ == 0; }
-  /// The duplicated communicator (for the caller's own collectives on the same ranks).
+  /// The duplicated communicator (for the caller's own collectives on the same ranks). Owned by this
+  /// object: do not free it.
   MPI_Comm comm() const { return comm_; }
   /// Trainable values in all: what one allreduce moves (times sizeof(Scalar)).
   Index numel() const { return numel_; }
@@ -226,7 +248,8 @@ class DataParallel {
   }
 
   /// Throws dora::mpi::Error on every rank if any parameter's values differ between ranks (bit for
-  /// bit, by a 64-bit hash per tensor), naming the first such tensor. Collective; allocates nothing.
+  /// bit, by a 64-bit hash per tensor), naming the first such tensor and two ranks that disagree on
+  /// it. Collective; allocates nothing when the replicas agree.
   void check_parameters_identical() {
     const std::size_t n = params_.size();
     for (std::size_t i = 0; i < n; ++i) {
@@ -237,15 +260,24 @@ class DataParallel {
     detail::min_max(comm_, hashes_);
     for (std::size_t i = 0; i < n; ++i) {
       if (hashes_[i] == ~hashes_[n + i]) continue;
+      // Every rank sees the same minimum and maximum, so every rank is here: name the lowest rank
+      // holding the minimum hash and the lowest rank holding another.
+      const std::uint64_t mine = detail::hash_bytes(params_[i].value.data(),
+                                                    static_cast<std::size_t>(params_[i].value.size()) * sizeof(Scalar));
+      int ranks[2] = {mine == hashes_[i] ? rank_ : size_, mine != hashes_[i] ? rank_ : size_};
+      detail::check(MPI_Allreduce(MPI_IN_PLACE, ranks, 2, MPI_INT, MPI_MIN, comm_), "MPI_Allreduce (ranks)");
       throw Error("dora::mpi: the ranks' parameters differ: trainable tensor #" + std::to_string(i) + " ('" +
-                  params_[i].name + "', " + std::to_string(params_[i].value.size()) +
-                  " values) is not the same on every rank (a rank updated it differently, or the ranks were not "
-                  "initialised alike: broadcast_parameters() after initialisation)");
+                  params_[i].name + "', " + std::to_string(params_[i].value.size()) + " values) differs between rank " +
+                  std::to_string(ranks[0]) + " and rank " + std::to_string(ranks[1]) +
+                  " (a rank updated it differently, or the ranks were not initialised alike: "
+                  "broadcast_parameters() after initialisation)");
     }
   }
 
   /// Before a forward of this rank's `rows` rows (rows [rank * rows, (rank + 1) * rows) of a global
-  /// batch of size() * rows): skips the dropout draws of the ranks before this one.
+  /// batch of size() * rows: equal shares; with unequal ones, call layer.skip_dropout_rows with your
+  /// own offsets): skips the dropout draws of the ranks before this one. Layers with
+  /// skip_dropout_rows: the single-adapter LoRA/DoRA Linear and Conv layers (embeddings draw nothing).
   template <typename Layer>
   void dropout_begin(Layer& layer, Index rows) const {
     layer.skip_dropout_rows(static_cast<Index>(rank_) * rows);
