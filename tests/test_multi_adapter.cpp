@@ -261,6 +261,67 @@ TEST_CASE("Stacked Conv and Embedding adapters agree with PEFT 0.21", "[multi][p
   }
 }
 
+TEST_CASE("skip_dropout_rows: two shares draw one forward's masks, per adapter (data-parallel training)",
+          "[multi][dropout]") {
+  // Each layer made three times alike: one forward on the whole batch; the first share then a skip
+  // of the second; a skip of the first share then the second. Masks and streams must agree.
+  const auto check = [](auto make, const Mat<double>& x, Eigen::Index rows_per_sample, const char* what) {
+    auto whole = make(), first = make(), second = make();
+    const Eigen::Index h = x.rows() / 2, rest = x.rows() - h;
+    whole.forward(x);
+    first.forward(Mat<double>(x.topRows(h)));
+    first.skip_dropout_rows(rest);
+    second.skip_dropout_rows(h);
+    second.forward(Mat<double>(x.bottomRows(rest)));
+    double err = 0.0;
+    for (const char* n : {"l", "d"}) {
+      const Mat<double>& m = whole.dropout_mask(n);
+      REQUIRE(m.rows() == x.rows() * rows_per_sample);
+      CHECK(m.minCoeff() == 0.0);
+      err += rel_err(first.dropout_mask(n), Mat<double>(m.topRows(h * rows_per_sample)));
+      err += rel_err(second.dropout_mask(n), Mat<double>(m.bottomRows(rest * rows_per_sample)));
+      CHECK(first.dropout_state(n) == whole.dropout_state(n));
+      CHECK(second.dropout_state(n) == whole.dropout_state(n));
+    }
+    std::printf("multi: %s, dropout shards vs the whole batch: error %.1e\n", what, err);
+    CHECK(err == 0.0);
+    // Evaluation mode draws nothing, so skips nothing.
+    const std::string before = whole.dropout_state("l");
+    whole.eval();
+    whole.skip_dropout_rows(4);
+    CHECK(whole.dropout_state("l") == before);
+  };
+  const auto add_two = [](auto& layer, Eigen::Index d_in, Eigen::Index d_out) {
+    layer.add("l", dora::AdapterKind::lora, fd_config(2, 3, 0.3), random_matrix<double>(2, d_in, 13),
+              random_matrix<double>(d_out, 2, 14));
+    layer.add("d", dora::AdapterKind::dora, fd_config(2, 4, 0.25), random_matrix<double>(2, d_in, 15),
+              random_matrix<double>(d_out, 2, 16, 0.5));
+    layer.set_active({"l", "d"});
+  };
+  const Mat<double> W = random_matrix<double>(7, 6, 1);
+  check(
+      [&]() {
+        dora::MultiLinear<double> layer(dora::borrow(W));
+        add_two(layer, 6, 7);
+        return layer;
+      },
+      random_matrix<double>(5, 6, 2), 1, "Linear");
+  dora::ConvGeometry g;
+  g.in_channels = 2;
+  g.out_channels = 3;
+  g.kernel = {3, 2, 1};
+  g.padding = {1, 0, 0};
+  g.input = {4, 3, 1};
+  const Mat<double> Wc = random_matrix<double>(3, g.weight_cols(), 5);
+  check(
+      [&]() {
+        dora::MultiConv<double> layer(dora::borrow_conv(Wc.data(), g));
+        add_two(layer, g.patch_size(), 3);
+        return layer;
+      },
+      random_matrix<double>(4, 2 * 12, 6), g.output_volume(), "Conv2d");
+}
+
 TEST_CASE("Stacked adapters' exact gradients match finite differences, with dropout", "[multi][gradient]") {
   // Three adapters, DoRA / LoRA / DoRA, the last two with dropout (PEFT's rule: the DoRA adapter's
   // base part from its dropped input), masks fixed by reseeding before every forward.

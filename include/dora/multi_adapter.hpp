@@ -239,6 +239,13 @@ class MultiAdapter {
   void seed_dropout(const std::string& name, std::uint64_t seed) {
     slots_[static_cast<std::size_t>(index_of(name))].dropout_rng.seed(seed ^ kDropoutStream);
   }
+  /// The adapter's dropout stream's exact state (text), for checkpoints; set_dropout_state restores it.
+  std::string dropout_state(const std::string& name) const {
+    return slots_[static_cast<std::size_t>(index_of(name))].dropout_rng.state();
+  }
+  void set_dropout_state(const std::string& name, const std::string& state) {
+    slots_[static_cast<std::size_t>(index_of(name))].dropout_rng.set_state(state);
+  }
   /// The adapter's dropout mask of the last training forward (lowered: N x d_in, entries 0 or
   /// 1 / (1 - p)); empty if it drew none.
   const MatrixType& dropout_mask(const std::string& name) const {
@@ -471,6 +478,16 @@ class MultiAdapter {
   }
 
   Slot& slot_of(const Step& st) { return slots_[static_cast<std::size_t>(st.slot)]; }
+
+  // Advances by `draws` the dropout stream of every adapter a training forward would draw a mask
+  // for (adapters enabled, training mode, active, p > 0): what forward_lowered's condition says.
+  void skip_dropout_draws(std::uint64_t draws) {
+    if (Embedding || !enabled_ || !training_) return;
+    for (Index k : active_) {
+      Slot& s = slots_[static_cast<std::size_t>(k)];
+      if (s.a.config.dropout > 0.0) s.dropout_rng.discard(draws);
+    }
+  }
 
   /// The stacked forward on the lowered input (dense: X, N x d_in; embedding: ids_ already saved),
   /// y lowered (N x d_out). draw(rng, mask): fills a lowered dropout mask from an adapter's stream.
@@ -892,6 +909,14 @@ class MultiLinear : public detail::MultiAdapter<Scalar, Storage, false> {
 
   explicit MultiLinear(const BaseLayer<Scalar, Storage>& base) : Core(base) {}
 
+  /// Advances each active adapter's dropout stream past the masks of `rows` input rows, as a training
+  /// forward on `rows` rows would (the single-adapter layers' skip_dropout_rows; data-parallel
+  /// training: dora::mpi::DataParallel::dropout_begin/end).
+  void skip_dropout_rows(Index rows) {
+    DORA_CHECK_ARG(rows >= 0, "skip_dropout_rows: rows must be >= 0, got ", rows);
+    this->skip_dropout_draws(static_cast<std::uint64_t>(rows * this->d_in()));
+  }
+
   /// y = the stacked layer (the active adapters in order; see the file comment); saves what
   /// backward needs. x: N x d_in, y: N x d_out.
   void forward(const Eigen::Ref<const MatrixType>& x, Eigen::Ref<MatrixType> y) {
@@ -974,6 +999,12 @@ class MultiConv : public detail::MultiAdapter<Scalar, Storage, false> {
   };
 
   explicit MultiConv(const ConvBase<Scalar, Storage>& base) : Core(checked(base).lowered), geometry_(base.geometry) {}
+
+  /// As MultiLinear::skip_dropout_rows: one mask draw per input element (x's, before im2col).
+  void skip_dropout_rows(Index rows) {
+    DORA_CHECK_ARG(rows >= 0, "skip_dropout_rows: rows must be >= 0, got ", rows);
+    this->skip_dropout_draws(static_cast<std::uint64_t>(rows * input_cols()));
+  }
 
   const ConvGeometry& geometry() const { return geometry_; }
 
@@ -1084,6 +1115,9 @@ class MultiEmbedding : public detail::MultiAdapter<Scalar, Storage, true> {
   using MixedWorkspace = typename Core::MixedWorkspace;
 
   explicit MultiEmbedding(const EmbeddingBase<Scalar, Storage>& base) : Core(base) {}
+
+  /// Embeddings have no dropout (PEFT): nothing to skip; for dora::mpi::DataParallel::dropout_begin/end.
+  void skip_dropout_rows(Index rows) { DORA_CHECK_ARG(rows >= 0, "skip_dropout_rows: rows must be >= 0, got ", rows); }
 
   Index num_embeddings() const { return this->d_in(); }
   Index embedding_dim() const { return this->d_out(); }

@@ -13,7 +13,7 @@
 ///     differs is named, with two ranks that disagree on it, in an exception thrown on every rank
 ///     (never one rank throwing while the others wait);
 ///   - dropout_begin/dropout_end: each rank draws exactly its rows of the global batch's dropout masks
-///     (equal shares; the single-adapter layers: the Multi* layers have no skip_dropout_rows yet).
+///     (equal shares; every layer type: each has skip_dropout_rows).
 ///
 /// The seed discipline (docs/training.md): every rank uses the same seeds for everything (the
 /// adapters' initialisation, the order of the data, the dropout streams) and takes rows
@@ -276,8 +276,8 @@ class DataParallel {
 
   /// Before a forward of this rank's `rows` rows (rows [rank * rows, (rank + 1) * rows) of a global
   /// batch of size() * rows: equal shares; with unequal ones, call layer.skip_dropout_rows with your
-  /// own offsets): skips the dropout draws of the ranks before this one. Layers with
-  /// skip_dropout_rows: the single-adapter LoRA/DoRA Linear and Conv layers (embeddings draw nothing).
+  /// own offsets): skips the dropout draws of the ranks before this one. Any layer with
+  /// skip_dropout_rows: every LoRA/DoRA layer and the Multi* layers (embeddings draw nothing).
   template <typename Layer>
   void dropout_begin(Layer& layer, Index rows) const {
     layer.skip_dropout_rows(static_cast<Index>(rank_) * rows);
