@@ -283,6 +283,9 @@ TEST_CASE("skip_dropout_rows: two shares draw one forward's masks, per adapter (
       CHECK(first.dropout_state(n) == whole.dropout_state(n));
       CHECK(second.dropout_state(n) == whole.dropout_state(n));
     }
+    // An adapter without dropout draws nothing, so skips nothing.
+    CHECK(first.dropout_state("z") == whole.dropout_state("z"));
+    CHECK(second.dropout_state("z") == whole.dropout_state("z"));
     std::printf("multi: %s, dropout shards vs the whole batch: error %.1e\n", what, err);
     CHECK(err == 0.0);
     // Evaluation mode draws nothing, so skips nothing.
@@ -296,7 +299,9 @@ TEST_CASE("skip_dropout_rows: two shares draw one forward's masks, per adapter (
               random_matrix<double>(d_out, 2, 14));
     layer.add("d", dora::AdapterKind::dora, fd_config(2, 4, 0.25), random_matrix<double>(2, d_in, 15),
               random_matrix<double>(d_out, 2, 16, 0.5));
-    layer.set_active({"l", "d"});
+    layer.add("z", dora::AdapterKind::lora, fd_config(2, 3, 0.0), random_matrix<double>(2, d_in, 17),
+              random_matrix<double>(d_out, 2, 18));
+    layer.set_active({"l", "z", "d"});
   };
   const Mat<double> W = random_matrix<double>(7, 6, 1);
   check(
