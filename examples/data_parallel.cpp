@@ -78,23 +78,6 @@ Mat frozen(Index out, Index in, std::uint64_t seed) {
   return W;
 }
 
-// The mean cross-entropy of this rank's rows, and its gradient with respect to the logits.
-double softmax_xent(const Mat& logits, const std::vector<int>& y, Mat& dlogits) {
-  const Index n = logits.rows();
-  dlogits.resize(n, logits.cols());
-  double loss = 0;
-  for (Index i = 0; i < n; ++i) {
-    const float mx = logits.row(i).maxCoeff();
-    dlogits.row(i) = (logits.row(i).array() - mx).exp().matrix();
-    const float sum = dlogits.row(i).sum();
-    loss += std::log(static_cast<double>(sum)) - static_cast<double>(logits(i, y[i]) - mx);
-    dlogits.row(i) /= sum;
-    dlogits(i, y[i]) -= 1.0f;
-  }
-  dlogits /= static_cast<float>(n);
-  return loss / static_cast<double>(n);
-}
-
 int run(const Options& o) {
   const fashion_mnist_data::Images train = fashion_mnist_data::load_split(o.data, "train", "data_parallel");
   const Mat W1 = frozen(128, 784, 1), W2 = frozen(10, 128, 2);
@@ -163,7 +146,8 @@ int run(const Options& o) {
     logits = l2->forward(h);
     dp.dropout_end(*l1, n);
     dp.dropout_end(*l2, n);
-    const double local = softmax_xent(logits, y, dlogits);
+    Index correct = 0;
+    const double local = fashion_mnist_data::softmax_xent(logits, y.data(), dlogits, correct);  // this rank's rows
     opt.zero_grad();
     dh = l2->backward(dlogits);
     dh.array() *= (h.array() > 0.0f).cast<float>();

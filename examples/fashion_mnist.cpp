@@ -198,25 +198,7 @@ struct Dense {
 void relu(Mat& z) { z = z.cwiseMax(0.0f); }
 void relu_backward(const Mat& a, Mat& da) { da.array() *= (a.array() > 0.0f).cast<float>(); }
 
-// Mean cross-entropy of softmax(logits); writes dlogits = (softmax - onehot) / N. Counts correct.
-double softmax_xent(const Mat& logits, const int* y, Mat& dlogits, Index& correct) {
-  const Index n = logits.rows();
-  dlogits.resize(n, logits.cols());
-  double loss = 0;
-  correct = 0;
-  for (Index i = 0; i < n; ++i) {
-    Index argmax = 0;
-    const float mx = logits.row(i).maxCoeff(&argmax);
-    if (argmax == y[i]) ++correct;
-    dlogits.row(i) = (logits.row(i).array() - mx).exp().matrix();
-    const float sum = dlogits.row(i).sum();
-    loss += std::log(static_cast<double>(sum)) - static_cast<double>(logits(i, y[i]) - mx);
-    dlogits.row(i) /= sum;
-    dlogits(i, y[i]) -= 1.0f;
-  }
-  dlogits /= static_cast<float>(n);
-  return loss / static_cast<double>(n);
-}
+using fashion_mnist_data::softmax_xent;
 
 // AdamW (decoupled weight decay, bias-corrected moments) over flat views of the parameters.
 class AdamW {

@@ -1,9 +1,11 @@
 #pragma once
 // Fashion-MNIST as Debian ships it (dataset-fashion-mnist: IDX files, big-endian header then bytes,
-// gzip-compressed), read with zlib. Shared by the examples fashion_mnist and data_parallel.
+// gzip-compressed), read with zlib, and the classification loss. Shared by the examples fashion_mnist
+// and data_parallel.
 #include <zlib.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -72,6 +74,29 @@ inline Images load_split(const std::string& dir, const std::string& prefix, cons
   for (std::size_t i = 0; i < n * 784; ++i) out.x.data()[i] = static_cast<float>(img[16 + i]) / 255.0f;
   out.y.assign(lab.begin() + 8, lab.end());
   return out;
+}
+
+/// Mean cross-entropy of softmax(logits) over its N rows; writes dlogits = (softmax - onehot) / N and
+/// counts the rows whose largest logit is the label.
+inline double softmax_xent(const dora::Matrix<float>& logits, const int* y, dora::Matrix<float>& dlogits,
+                           Eigen::Index& correct) {
+  using Index = Eigen::Index;
+  const Index n = logits.rows();
+  dlogits.resize(n, logits.cols());
+  double loss = 0;
+  correct = 0;
+  for (Index i = 0; i < n; ++i) {
+    Index argmax = 0;
+    const float mx = logits.row(i).maxCoeff(&argmax);
+    if (argmax == y[i]) ++correct;
+    dlogits.row(i) = (logits.row(i).array() - mx).exp().matrix();
+    const float sum = dlogits.row(i).sum();
+    loss += std::log(static_cast<double>(sum)) - static_cast<double>(logits(i, y[i]) - mx);
+    dlogits.row(i) /= sum;
+    dlogits(i, y[i]) -= 1.0f;
+  }
+  dlogits /= static_cast<float>(n);
+  return loss / static_cast<double>(n);
 }
 
 }  // namespace fashion_mnist_data

@@ -9,13 +9,9 @@
 //     family that cannot be merged, the refusal);
 //   - zero_grad, gradient accumulation over two backwards, parameters() aliasing the layer;
 //   - no heap allocation in steady state (EIGEN_RUNTIME_NO_MALLOC), parameters() included.
-#define EIGEN_RUNTIME_NO_MALLOC
-#include <stdexcept>
-#define eigen_assert(x)                                             \
-  do {                                                              \
-    if (!(x)) throw std::runtime_error("eigen_assert failed: " #x); \
-  } while (false)
-
+// clang-format off: no_malloc.hpp must come before any header that includes Eigen
+#include "no_malloc.hpp"
+// clang-format on
 #include <catch2/catch.hpp>
 #include <cstdio>
 #include <functional>

@@ -2,13 +2,9 @@
 // (ctest runs it with mpiexec -np 2): every rank also computes, alone, what one process would do
 // with the whole global batch, and checks that the ranks together reproduce it.
 #define CATCH_CONFIG_RUNNER
-// Eigen heap allocations throw where they are forbidden (the steady-state test below).
-#define EIGEN_RUNTIME_NO_MALLOC
-#include <stdexcept>
-#define eigen_assert(x)                                             \
-  do {                                                              \
-    if (!(x)) throw std::runtime_error("eigen_assert failed: " #x); \
-  } while (false)
+// clang-format off: no_malloc.hpp must come before any header that includes Eigen
+#include "no_malloc.hpp"
+// clang-format on
 #include <catch2/catch.hpp>
 #include <dora/mpi/data_parallel.hpp>
 #include <string>

@@ -479,13 +479,15 @@ class MultiAdapter {
 
   Slot& slot_of(const Step& st) { return slots_[static_cast<std::size_t>(st.slot)]; }
 
-  // Advances by `draws` the dropout stream of every adapter a training forward would draw a mask
-  // for (adapters enabled, training mode, active, p > 0): what forward_lowered's condition says.
+  // Whether a forward draws a dropout mask for this active adapter (embeddings never do, as PEFT).
+  bool draws_mask(const AdapterType& a) const { return !Embedding && training_ && a.config.dropout > 0.0; }
+
+  // Advances by `draws` the dropout stream of every adapter a forward would draw a mask for.
   void skip_dropout_draws(std::uint64_t draws) {
-    if (Embedding || !enabled_ || !training_) return;
+    if (!enabled_) return;  // forward then runs no adapter
     for (Index k : active_) {
       Slot& s = slots_[static_cast<std::size_t>(k)];
-      if (s.a.config.dropout > 0.0) s.dropout_rng.discard(draws);
+      if (draws_mask(s.a)) s.dropout_rng.discard(draws);
     }
   }
 
@@ -504,7 +506,7 @@ class MultiAdapter {
       st.slot = active_[i];
       st.xrow = st.prow = st.qrow = st.xd_adj = -1;
       const AdapterType& a = slot_of(st).a;
-      st.dropout = !Embedding && training_ && a.config.dropout > 0.0;
+      st.dropout = draws_mask(a);
       if (st.dropout && a.is_dora()) st.xrow = rows, rows += N;
     }
     for (std::size_t i = 0; i < K; ++i) {
