@@ -293,6 +293,11 @@ TEST_CASE("skip_dropout_rows: two shares draw one forward's masks, per adapter (
     whole.eval();
     whole.skip_dropout_rows(4);
     CHECK(whole.dropout_state("l") == before);
+    // Nor with the adapters disabled (forward is then the base layer's).
+    whole.train();
+    whole.enable_adapters(false);
+    whole.skip_dropout_rows(4);
+    CHECK(whole.dropout_state("l") == before);
   };
   const auto add_two = [](auto& layer, Eigen::Index d_in, Eigen::Index d_out) {
     layer.add("l", dora::AdapterKind::lora, fd_config(2, 3, 0.3), random_matrix<double>(2, d_in, 13),
