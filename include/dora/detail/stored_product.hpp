@@ -18,6 +18,9 @@
 
 #include "../storage.hpp"
 #include "parallel.hpp"
+#ifdef DORA_WITH_DNNL
+#include "../dnnl/bf16_matmul.hpp"
+#endif
 
 namespace dora {
 namespace detail {
@@ -89,10 +92,34 @@ void walk_tiles(const StoredWeight<Storage>& W, bool over_rows, Use&& use) {
   });
 }
 
+#ifdef DORA_WITH_DNNL
+// The oneDNN bf16 backend takes float row-major operands with direct access (any leading dimension).
+template <typename D>
+constexpr bool dnnl_operand() {
+  using T = std::decay_t<D>;
+  return std::is_same<typename T::Scalar, float>::value &&
+         (Eigen::internal::traits<T>::Flags & Eigen::DirectAccessBit) != 0 &&
+         (Eigen::internal::traits<T>::Flags & Eigen::RowMajorBit) != 0;
+}
+template <typename DA, typename Storage, typename DB>
+constexpr bool dnnl_eligible() {
+  return std::is_same<Storage, bfloat16>::value && dnnl_operand<DA>() && dnnl_operand<DB>();
+}
+#endif
+
 /// Y = X W^T (accumulate: Y += X W^T) for a stored W.
 template <typename DX, typename Storage, typename DY>
 void split_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>& W, DY&& Y, bool accumulate = false) {
   using Index = Eigen::Index;
+#ifdef DORA_WITH_DNNL
+  if constexpr (dnnl_eligible<DX, Storage, DY>()) {
+    if (dnnl_backend::enabled() && X.rows() > 0) {
+      dnnl_backend::product(X.derived().data(), X.rows(), X.cols(), X.derived().outerStride(), W.data, W.rows(),
+                            W.row_stride, Y.data(), Y.outerStride(), accumulate);
+      return;
+    }
+  }
+#endif
   walk_tiles<typename DX::Scalar>(W, true,
                                   [&](Index r0, Index rows, Index c0, Index cols,
                                       const Eigen::Map<const Matrix<typename DX::Scalar>>& tile, bool first) {
@@ -131,6 +158,15 @@ void frozen_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>&
 template <typename DG, typename Storage, typename DX>
 void stored_adjoint(const Eigen::MatrixBase<DG>& G, const StoredWeight<Storage>& W, DX&& dX, bool accumulate) {
   using Index = Eigen::Index;
+#ifdef DORA_WITH_DNNL
+  if constexpr (dnnl_eligible<DG, Storage, DX>()) {
+    if (dnnl_backend::enabled() && G.rows() > 0) {
+      dnnl_backend::adjoint(G.derived().data(), G.rows(), G.cols(), G.derived().outerStride(), W.data, W.cols(),
+                            W.row_stride, dX.data(), dX.outerStride(), accumulate);
+      return;
+    }
+  }
+#endif
   walk_tiles<typename DG::Scalar>(W, false,
                                   [&](Index r0, Index rows, Index c0, Index cols,
                                       const Eigen::Map<const Matrix<typename DG::Scalar>>& tile, bool first) {

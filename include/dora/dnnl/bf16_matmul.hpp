@@ -68,6 +68,38 @@ inline void matmul(const bfloat16* a, Index M, Index K, const bfloat16* b, Index
 
 }  // namespace detail
 
+/// True where oneDNN can run bf16 products on bf16 units (AVX512-BF16, AMX): its effective ISA
+/// includes avx512_core_bf16. Elsewhere oneDNN's bf16 matmul is a slow reference loop, so the layers
+/// keep today's float path (the fallback).
+inline bool has_bf16_units() {
+  const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+  const auto bf16 = static_cast<unsigned>(dnnl::cpu_isa::avx512_core_bf16);
+  return (isa & bf16) == bf16;
+}
+/// Which units: "AMX", "AVX512-BF16" or "none (float fallback)", for benchmark and test output.
+inline const char* units_name() {
+  const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+  const auto amx = static_cast<unsigned>(dnnl::cpu_isa::avx512_core_amx);
+  if ((isa & amx) == amx) return "AMX";
+  return has_bf16_units() ? "AVX512-BF16" : "none (float fallback)";
+}
+
+namespace detail {
+inline bool& enabled_flag() {
+  static bool on = has_bf16_units();
+  return on;
+}
+}  // namespace detail
+
+/// Whether the layers' products with a bf16 W go through oneDNN (default: where has_bf16_units()).
+inline bool enabled() { return detail::enabled_flag(); }
+/// Turns the backend off (the float path) or back on; on is refused (false returned) without bf16
+/// units. Not thread-safe: set it before the layers run.
+inline bool set_enabled(bool on) {
+  detail::enabled_flag() = on && has_bf16_units();
+  return detail::enabled_flag();
+}
+
 /// Y (M x N, row-major, leading dimension ldy) = X W^T (+ Y if accumulate). X: M x K float (ldx);
 /// W: N x K bf16 row-major with row stride ldw, used in place.
 inline void product(const float* X, Eigen::Index M, Eigen::Index K, Eigen::Index ldx, const bfloat16* W, Eigen::Index N,
