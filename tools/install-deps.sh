@@ -4,7 +4,7 @@
 set -euo pipefail
 packages=(g++ cmake make libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev libopenblas-dev zlib1g-dev
           gnuplot-nox dataset-fashion-mnist clang-14 libclang-rt-14-dev libcli11-dev
-          libopenmpi-dev openmpi-bin)
+          libopenmpi-dev openmpi-bin libdnnl-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

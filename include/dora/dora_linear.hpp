@@ -96,20 +96,25 @@ class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagn
     // with W's rows as the base product reads them (dora_core.hpp): it is computed on its own.
     stacked_ = this->training_ && this->groups_ == 1 ? r : 0;
     if (stacked_ == 0 && (this->training_ || !this->cache_matches())) this->compute_norm_alone();
-    // The buffers always have the r rows below the batch, used or not, so that switching between
-    // training and evaluation does not reallocate them.
-    this->save_input(x, r, mask);
-    if (stacked_ != 0) this->xd_.bottomRows(r) = this->A_;
     const typename BaseLayer<Scalar, Storage>::WeightMap& W = this->base_.weight;
+    // Where the product rounds its operand to bf16 (the oneDNN backend), A is stacked as two bf16
+    // parts, A_hi = bf16(A) and A_lo = A - A_hi, so that the norm's P^T = A W^T keeps float
+    // precision (2^-16 relative in A) at the cost of r more rows in the one product.
+    parts_ = rounds_operands<Scalar>(W) ? 2 : 1;
+    // The buffers always have the rows below the batch, used or not, so that switching between
+    // training and evaluation does not reallocate them.
+    this->save_input(x, parts_ * r, mask);
     const Index N = this->batch_;
-    H_.resize(N + r, this->base_.d_out());
+    if (stacked_ != 0) stack_in_parts(this->A_, this->xd_.bottomRows(parts_ * r));
+    H_.resize(N + parts_ * r, this->base_.d_out());
     if (stacked_ != 0) {
       split_product(this->xd_, W, H_);
+      if (parts_ == 2) H_.middleRows(N, r) += H_.bottomRows(r);
     } else {
       // Evaluation: the same product as infer() (split over W's rows at small n), bit for bit.
       this->base_product(this->xd_.topRows(N), H_.topRows(N));
     }
-    if (stacked_ != 0) this->compute_norm_with(H_.bottomRows(r));
+    if (stacked_ != 0) this->compute_norm_with(H_.middleRows(N, r));
     this->add_up_product(this->u_, h());
     const VectorType& g = this->g_;
     if (!this->dropout_applied_) {
@@ -172,7 +177,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagn
     const bool stack = exact && dx != nullptr && !this->dropout_applied_ && stacked_ == r;
     if (exact) {
       if (stacked_ == r) {
-        this->accumulate_norm_gradient(H_.bottomRows(r), !stack);
+        this->accumulate_norm_gradient(H_.middleRows(N, r), !stack);
       } else if (this->groups_ > 1) {
         // The forward computed this norm on its own (or found it cached): its chunks' P^T are kept.
         if constexpr (Magnitude::groupable()) this->accumulate_grouped_norm_gradient();
@@ -186,11 +191,14 @@ class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagn
     if (dx != nullptr) {
       if (!this->dropout_applied_) {
         if (stack) {
-          split_adjoint_product(H_, W, this->xd_);  // xd is no longer needed: (N + r) x d_in
+          // s (diag(beta) B)^T in two bf16 parts where the product rounds, as A in the forward.
+          if (parts_ == 2) stack_in_parts(H_.middleRows(N, r), H_.bottomRows(2 * r));
+          split_adjoint_product(H_, W, this->xd_);  // xd is no longer needed: (N + parts r) x d_in
           parallel_rows(N, dx->cols(), [&](Index begin, Index end) {
             dx->middleRows(begin, end - begin) = this->xd_.middleRows(begin, end - begin);
           });
-          this->grad_A_ += this->xd_.bottomRows(r);
+          this->grad_A_ += this->xd_.middleRows(N, r);
+          if (parts_ == 2) this->grad_A_ += this->xd_.bottomRows(r);
         } else {
           this->base_adjoint(h(), *dx);
         }
@@ -207,9 +215,28 @@ class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagn
     this->saved_ = false;
   }
 
-  MatrixType H_;       // [h; P^T] after forward, [Gg; s (diag(beta) B)^T] in backward
+  // dst (2 rows(src) x cols) = [bf16(src); src - bf16(src)] where parts_ is 2, else src: a matrix
+  // that a bf16-rounding product then carries to 2^-16 relative. dst may start at src's first row.
+  template <typename Src, typename Dst>
+  void stack_in_parts(const Src& src, Dst&& dst) {
+    const Index r = src.rows();
+    if (parts_ == 1) {
+      dst = src;
+      return;
+    }
+    for (Index i = r - 1; i >= 0; --i)  // last row first: dst's rows r.. may be src's own
+      for (Index j = 0; j < src.cols(); ++j) {
+        const Scalar v = src(i, j);
+        const Scalar hi = static_cast<Scalar>(static_cast<float>(bfloat16(static_cast<float>(v))));
+        dst(r + i, j) = v - hi;
+        dst(i, j) = hi;
+      }
+  }
+
+  MatrixType H_;       // [h; P^T(; P^T_lo)] after forward, [Gg; s (diag(beta) B)^T (; its lo part)] in backward
   MatrixType Qt_;      // P^T when the forward did not stack A (allocated only then)
   Index stacked_ = 0;  // rows of A stacked under x in the last forward (r, or 0 with a cached norm)
+  Index parts_ = 1;    // 2 where A (and the exact gradient's term) is stacked as two bf16 parts
 };
 
 }  // namespace detail

@@ -107,15 +107,28 @@ constexpr bool dnnl_eligible() {
 }
 #endif
 
-/// Y = X W^T (accumulate: Y += X W^T) for a stored W.
+/// Whether products of a Scalar matrix with W round that operand to bf16 (the oneDNN backend on a
+/// bf16-stored W): a layer then splits what must keep float precision into two bf16 parts.
+template <typename Scalar, typename Weight>
+bool rounds_operands(const Weight&) {
+#ifdef DORA_WITH_DNNL
+  if constexpr (std::is_same<Weight, StoredWeight<bfloat16>>::value && std::is_same<Scalar, float>::value)
+    return dnnl_backend::enabled();
+#endif
+  return false;
+}
+
+/// Y = X W^T (accumulate: Y += X W^T) for a stored W. precise: on the oneDNN backend, X keeps
+/// 2^-16 relative precision (two bf16 parts) rather than 2^-8; the other paths are float anyway.
 template <typename DX, typename Storage, typename DY>
-void split_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>& W, DY&& Y, bool accumulate = false) {
+void split_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>& W, DY&& Y, bool accumulate = false,
+                   bool precise = false) {
   using Index = Eigen::Index;
 #ifdef DORA_WITH_DNNL
   if constexpr (dnnl_eligible<DX, Storage, DY>()) {
     if (dnnl_backend::enabled() && X.rows() > 0) {
       dnnl_backend::product(X.derived().data(), X.rows(), X.cols(), X.derived().outerStride(), W.data, W.rows(),
-                            W.row_stride, Y.data(), Y.outerStride(), accumulate);
+                            W.row_stride, Y.data(), Y.outerStride(), accumulate, precise);
       return;
     }
   }
@@ -156,13 +169,14 @@ void frozen_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>&
 
 /// dX = G W (accumulate: dX += G W) for a stored W.
 template <typename DG, typename Storage, typename DX>
-void stored_adjoint(const Eigen::MatrixBase<DG>& G, const StoredWeight<Storage>& W, DX&& dX, bool accumulate) {
+void stored_adjoint(const Eigen::MatrixBase<DG>& G, const StoredWeight<Storage>& W, DX&& dX, bool accumulate,
+                    bool precise = false) {
   using Index = Eigen::Index;
 #ifdef DORA_WITH_DNNL
   if constexpr (dnnl_eligible<DG, Storage, DX>()) {
     if (dnnl_backend::enabled() && G.rows() > 0) {
       dnnl_backend::adjoint(G.derived().data(), G.rows(), G.cols(), G.derived().outerStride(), W.data, W.cols(),
-                            W.row_stride, dX.data(), dX.outerStride(), accumulate);
+                            W.row_stride, dX.data(), dX.outerStride(), accumulate, precise);
       return;
     }
   }
@@ -182,7 +196,8 @@ void split_adjoint_product(const Eigen::MatrixBase<DG>& G, const StoredWeight<St
   stored_adjoint(G, W, dX, false);
 }
 
-// ---- The uses of W by DoRA's norm (dora_core.hpp, row_norm.hpp): Eigen view or stored. ----
+// ---- The uses of W by DoRA's norm (dora_core.hpp, row_norm.hpp): Eigen view or stored. These
+// keep float precision on the oneDNN backend too (precise). ----
 
 /// Y = X W^T (P^T = A W^T for the norm).
 template <typename DX, typename WeightMap, typename DY>
@@ -191,7 +206,7 @@ void weight_product(const Eigen::MatrixBase<DX>& X, const WeightMap& W, DY& Y) {
 }
 template <typename DX, typename Storage, typename DY>
 void weight_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>& W, DY& Y) {
-  split_product(X, W, Y);
+  split_product(X, W, Y, false, true);
 }
 
 /// dX += G W (the exact gradient's term of dA).
@@ -201,7 +216,7 @@ void weight_adjoint_add(const Eigen::MatrixBase<DG>& G, const WeightMap& W, DX& 
 }
 template <typename DG, typename Storage, typename DX>
 void weight_adjoint_add(const Eigen::MatrixBase<DG>& G, const StoredWeight<Storage>& W, DX& dX) {
-  stored_adjoint(G, W, dX, true);
+  stored_adjoint(G, W, dX, true, true);
 }
 
 /// v = W_i (one row, for a norm computed directly).
@@ -265,12 +280,12 @@ struct TransposedStored {
 /// Y = X T^T = X table.
 template <typename DX, typename Storage, typename DY>
 void weight_product(const Eigen::MatrixBase<DX>& X, const TransposedStored<Storage>& T, DY& Y) {
-  stored_adjoint(X, T.table, Y, false);
+  stored_adjoint(X, T.table, Y, false, true);
 }
 /// dX += G T = G table^T.
 template <typename DG, typename Storage, typename DX>
 void weight_adjoint_add(const Eigen::MatrixBase<DG>& G, const TransposedStored<Storage>& T, DX& dX) {
-  split_product(G, T.table, dX, true);
+  split_product(G, T.table, dX, true, true);
 }
 /// v = T_j, column j of the table: the block holding column j, dequantized row by row.
 template <typename Storage, typename DV>
