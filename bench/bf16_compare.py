@@ -6,7 +6,8 @@ One step = forward + backward of one adapted linear layer with x's gradient; W f
 (get_peft_model(...).to(torch.bfloat16)). This project's side: bench/bf16_step (W stored as bf16,
 fp32 activations and adapter): base_bf16, lora_bf16, dora_bf16 on the oneDNN path and dora_f32 with
 the backend off. Every repetition runs each method once, in an order that rotates, torch in this
-process and bf16_step in its own (driven line by line through a pipe); medians of --reps.
+process and bf16_step in its own (driven line by line through a pipe), 50 ms apart so that neither
+side's spinning OpenMP threads slow the other; medians of --reps.
 
 usage: bf16_compare.py --driver PATH [--threads 1 16] [--reps 7] [--out DIR]
 """
@@ -94,6 +95,8 @@ def main():
             order = list(steps) + ["ours"]
             for rep in range(args.reps):
                 for k in order[rep % len(order):] + order[:rep % len(order)]:
+                    # The other process's OpenMP threads may still spin after its work: let them sleep.
+                    time.sleep(0.05)
                     if k == "ours":
                         for name, ms in ours().items():
                             times[name].append(ms)

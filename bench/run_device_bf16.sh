@@ -18,4 +18,4 @@ lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-400 > "$out/cpu.txt"
 printf 'step\n' | DNNL_VERBOSE=1 OMP_NUM_THREADS=16 /tmp/bf16_step 4096 4096 16 512 | grep -E "exec|units" \
   | sort | uniq -c | head -20 > "$out/bf16_dnnl_verbose.txt" || true
 PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES="" python3 bench/bf16_compare.py --driver /tmp/bf16_step --threads 1 16 \
-  --reps 7 --out "$out" 2>&1 | tee "$out/bf16_compare_log.txt" | tail -8
+  --reps 9 --out "$out" 2>&1 | tee "$out/bf16_compare_log.txt" | tail -8

@@ -190,7 +190,9 @@ TEST_CASE("DoRA on a bf16 W through oneDNN: y and every gradient within the deri
   const LayerCase cases[] = {{96, 128, 8, 40, dora::NormGradient::detached, "96x128 r8 n40 detached"},
                              {96, 128, 8, 40, dora::NormGradient::exact, "96x128 r8 n40 exact"},
                              {70, 301, 5, 33, dora::NormGradient::exact, "70x301 r5 n33 exact"},
-                             {256, 200, 16, 3, dora::NormGradient::detached, "256x200 r16 n3 detached"}};
+                             {256, 200, 16, 3, dora::NormGradient::detached, "256x200 r16 n3 detached"},
+                             // Large enough for the products to run on threads.
+                             {512, 520, 8, 24, dora::NormGradient::exact, "512x520 r8 n24 exact"}};
   for (const LayerCase& lc : cases) {
     const Eigen::Index d_out = lc.d_out, d_in = lc.d_in, r = lc.r, n = lc.n;
     const Mat<float> Wf = random_matrix<float>(d_out, d_in, 11, 1.0 / std::sqrt(static_cast<double>(d_in)));

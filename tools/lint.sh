@@ -12,6 +12,8 @@ cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_EXPORT_COMPILE_COMMAND
 units=(examples/quickstart.cpp tools/dora_merge.cpp bench/memory.cpp tests/test_layers.cpp tests/test_edge_cases.cpp tests/test_layer_parity.cpp)
 # dora::mpi (where MPI is found): its header through the scaling benchmark.
 [ -f "$build/bench/CMakeFiles/dora_mpi_scaling.dir/flags.make" ] && units+=(bench/mpi_scaling.cpp)
+# dora::dnnl (where oneDNN is found): its header, and the layers' dispatch to it, through the bf16 driver.
+[ -f "$build/bench/CMakeFiles/dora_bf16_step.dir/flags.make" ] && units+=(bench/bf16_step.cpp)
 echo "lint: clang-tidy on ${units[*]}"
 for u in "${units[@]}"; do
   clang-tidy -p "$build" --quiet --extra-arg=-std=c++17 "$u"
