@@ -260,6 +260,41 @@ TEST_CASE("DoRA on a bf16 W through oneDNN agrees with PEFT 0.21 within the deri
   }
 }
 
+// LoRA on the backend: y = x W^T + s (x A^T) B^T + b and dx = G W + s (G B) A round only x and G
+// (the same bounds with g = 1); dA and dB take no rounded quantity (slack only).
+TEST_CASE("LoRA on a bf16 W through oneDNN: y and every gradient within the derived bounds of float64",
+          "[dnnl][bf16]") {
+  const Eigen::Index d_out = 160, d_in = 136, r = 6, n = 21;
+  const std::vector<dora::bfloat16> wb =
+      dora::encode_weight<dora::bfloat16>(random_matrix<float>(d_out, d_in, 31, 1.0 / std::sqrt(136.0)));
+  Md Wd(d_out, d_in);
+  for (Eigen::Index i = 0; i < Wd.size(); ++i) Wd.data()[i] = static_cast<float>(wb[static_cast<std::size_t>(i)]);
+  const Vec<float> bias = random_vector<float>(d_out, 32, 0.1);
+  dora::AdapterConfig c;
+  c.rank = r;
+  c.alpha = 12;
+  const Mat<float> A = random_matrix<float>(r, d_in, 33, 0.1), B = random_matrix<float>(d_out, r, 34, 0.1);
+  const Mat<float> x = random_matrix<float>(n, d_in, 35), G = random_matrix<float>(n, d_out, 36);
+  const Vec<double> bias_d = bias.cast<double>();
+  dora::LoraLinear<double> ref(dora::borrow(Wd, bias_d), c, A.cast<double>(), B.cast<double>());
+  const Md y_ref = ref.forward(x.cast<double>()), dx_ref = ref.backward(G.cast<double>());
+  dora::LoraLinear<float, dora::bfloat16> layer(dora::borrow<float>(wb, d_out, d_in, bias.data()), c, A, B);
+  const Mat<float> y = layer.forward(x), dx = layer.backward(G);
+  const double u = 0x1.0p-8;
+  const Md E_y = (u + d_in * 0x1.0p-24) * x.cast<double>().cwiseAbs() * Wd.cwiseAbs().transpose();
+  const Md E_dx = (u + d_out * 0x1.0p-24) * G.cast<double>().cwiseAbs() * Wd.cwiseAbs();
+  const double ry = worst_bound_ratio(y, y_ref, E_y), rdx = worst_bound_ratio(dx, dx_ref, E_dx);
+  const double rdA = worst_bound_ratio(layer.grad_lora_A(), ref.grad_lora_A(), Md::Zero(r, d_in));
+  const double rdB = worst_bound_ratio(layer.grad_lora_B(), ref.grad_lora_B(), Md::Zero(d_out, r));
+  std::printf("dnnl LoRA %ldx%ld r%ld n%ld: error / bound: y %.3f, dx %.3f, dA %.3f, dB %.3f\n",
+              static_cast<long>(d_out), static_cast<long>(d_in), static_cast<long>(r), static_cast<long>(n), ry, rdx,
+              rdA, rdB);
+  CHECK(ry <= 1.0);
+  CHECK(rdx <= 1.0);
+  CHECK(rdA <= 1.0);
+  CHECK(rdB <= 1.0);
+}
+
 TEST_CASE("The oneDNN switch: off is today's float path exactly; on is refused without bf16 units", "[dnnl][bf16]") {
   const Eigen::Index d_out = 48, d_in = 64, n = 9;
   const std::vector<dora::bfloat16> wb = dora::encode_weight<dora::bfloat16>(random_matrix<float>(d_out, d_in, 21));

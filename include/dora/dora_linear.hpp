@@ -101,13 +101,23 @@ class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagn
     // parts, A_hi = bf16(A) and A_lo = A - A_hi, so that the norm's P^T = A W^T keeps float
     // precision (2^-16 relative in A) at the cost of r more rows in the one product.
     parts_ = rounds_operands<Scalar>(W) ? 2 : 1;
+    // With threads, oneDNN 2.6 spreads a product of N + 2r rows unevenly over them: interleaved on
+    // the 16-core Xeon, 512 x 4096 x 4096 took 5.45 ms, 544 rows 8.50, 512 rows then 32 rows 6.31
+    // (11008 x 4096, 640 rows: 20.3 stacked, 20.6 apart; one thread: stacked 3-6% faster;
+    // bench/results/device/dnnl_gemm_probe_issue15.txt). With threads the two parts of A therefore
+    // go in their own product.
+    separate_ = parts_ == 2 && product_threads(W.rows() * W.cols(), W.rows()) > 1;
     // The buffers always have the rows below the batch, used or not, so that switching between
     // training and evaluation does not reallocate them.
     this->save_input(x, parts_ * r, mask);
     const Index N = this->batch_;
     if (stacked_ != 0) stack_in_parts(this->A_, this->xd_.bottomRows(parts_ * r));
     H_.resize(N + parts_ * r, this->base_.d_out());
-    if (stacked_ != 0) {
+    if (stacked_ != 0 && separate_) {
+      split_product(this->xd_.topRows(N), W, H_.topRows(N));
+      split_product(this->xd_.bottomRows(2 * r), W, H_.bottomRows(2 * r));
+      H_.middleRows(N, r) += H_.bottomRows(r);
+    } else if (stacked_ != 0) {
       split_product(this->xd_, W, H_);
       if (parts_ == 2) H_.middleRows(N, r) += H_.bottomRows(r);
     } else {
@@ -193,7 +203,12 @@ class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagn
         if (stack) {
           // s (diag(beta) B)^T in two bf16 parts where the product rounds, as A in the forward.
           if (parts_ == 2) stack_in_parts(H_.middleRows(N, r), H_.bottomRows(2 * r));
-          split_adjoint_product(H_, W, this->xd_);  // xd is no longer needed: (N + parts r) x d_in
+          if (separate_) {
+            split_adjoint_product(H_.topRows(N), W, this->xd_.topRows(N));
+            split_adjoint_product(H_.bottomRows(2 * r), W, this->xd_.bottomRows(2 * r));
+          } else {
+            split_adjoint_product(H_, W, this->xd_);  // xd is no longer needed: (N + parts r) x d_in
+          }
           parallel_rows(N, dx->cols(), [&](Index begin, Index end) {
             dx->middleRows(begin, end - begin) = this->xd_.middleRows(begin, end - begin);
           });
@@ -202,7 +217,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagn
         } else {
           this->base_adjoint(h(), *dx);
         }
-        dx->noalias() += this->du_ * this->A_;
+        rank_product(rounds_operands<Scalar>(W), this->du_, false, this->A_, false, Scalar(1), Scalar(1), *dx);
       } else {
         // dx = G W + mask * [(Gg - G) W + du A]; xd is no longer needed and holds the bracket.
         this->base_adjoint(G, *dx);
@@ -233,10 +248,11 @@ class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagn
       }
   }
 
-  MatrixType H_;       // [h; P^T(; P^T_lo)] after forward, [Gg; s (diag(beta) B)^T (; its lo part)] in backward
-  MatrixType Qt_;      // P^T when the forward did not stack A (allocated only then)
-  Index stacked_ = 0;  // rows of A stacked under x in the last forward (r, or 0 with a cached norm)
-  Index parts_ = 1;    // 2 where A (and the exact gradient's term) is stacked as two bf16 parts
+  MatrixType H_;           // [h; P^T(; P^T_lo)] after forward, [Gg; s (diag(beta) B)^T (; its lo part)] in backward
+  MatrixType Qt_;          // P^T when the forward did not stack A (allocated only then)
+  Index stacked_ = 0;      // rows of A stacked under x in the last forward (r, or 0 with a cached norm)
+  Index parts_ = 1;        // 2 where A (and the exact gradient's term) is stacked as two bf16 parts
+  bool separate_ = false;  // those two parts in a product of their own (threads: forward_lowered)
 };
 
 }  // namespace detail

@@ -73,7 +73,8 @@ class DenseLora : public DenseAdapter<Derived, Scalar, Storage> {
         this->xd().noalias() = this->du_ * this->A_;
         *dx += this->xd().cwiseProduct(this->mask_);
       } else {
-        dx->noalias() += this->du_ * this->A_;
+        rank_product(rounds_operands<Scalar>(this->base_.weight), this->du_, false, this->A_, false, Scalar(1),
+                     Scalar(1), *dx);
       }
     }
     this->saved_ = false;

@@ -77,7 +77,7 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
       });
       dropout_applied_ = false;
     }
-    u_.noalias() = xd() * this->A_.transpose();
+    rank_product(rounds_operands<Scalar>(base_.weight), xd(), false, this->A_, true, Scalar(1), Scalar(0), u_);
   }
 
   /// The saved (dropped) input: the top batch rows of the stacked buffer.
@@ -88,13 +88,13 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
   void accumulate_A(const Eigen::MatrixBase<DG>& Gs) {
     du_.resize(this->batch_, this->rank());
     if (this->groups_ == 1) {
-      du_.noalias() = this->scaling_ * Gs * this->B_;
+      rank_product(rounds_operands<Scalar>(base_.weight), Gs, false, this->B_, false, this->scaling_, Scalar(0), du_);
     } else {
       const Index o = this->B_.rows() / this->groups_, q = this->B_.cols();
       for (Index g = 0; g < this->groups_; ++g)
         du_.middleCols(g * q, q).noalias() = this->scaling_ * Gs.middleCols(g * o, o) * this->B_.middleRows(g * o, o);
     }
-    this->grad_A_.noalias() += du_.transpose() * xd();
+    rank_product(rounds_operands<Scalar>(base_.weight), du_, true, xd(), false, Scalar(1), Scalar(1), this->grad_A_);
   }
 
   /// Y = X W^T, overwritten (grouped: block g of Y's columns from block g of X's, one GEMM each).
@@ -148,7 +148,7 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
   template <typename DU, typename DY>
   void add_up_product(const Eigen::MatrixBase<DU>& u, DY&& Y) const {
     if (this->groups_ == 1) {
-      Y.noalias() += this->scaling_ * u * this->B_.transpose();
+      rank_product(rounds_operands<Scalar>(base_.weight), u, false, this->B_, true, this->scaling_, Scalar(1), Y);
       return;
     }
     const Index o = this->B_.rows() / this->groups_, q = this->B_.cols();
@@ -160,7 +160,8 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
   template <typename DG>
   void accumulate_B(const Eigen::MatrixBase<DG>& Gs) {
     if (this->groups_ == 1) {
-      this->grad_B_.noalias() += this->scaling_ * Gs.transpose() * u_;
+      rank_product(rounds_operands<Scalar>(base_.weight), Gs, true, u_, false, this->scaling_, Scalar(1),
+                   this->grad_B_);
       return;
     }
     const Index o = this->B_.rows() / this->groups_, q = this->B_.cols();

@@ -118,6 +118,48 @@ bool rounds_operands(const Weight&) {
   return false;
 }
 
+/// C = beta C + alpha op(A) op(B) (op: transpose where ta / tb), for the adapter's own rank-r float
+/// products (x A^T, u B^T, G B, du^T x, G^T u, du A). Where the layer's frozen products run on
+/// oneDNN (use_dnnl: rounds_operands), these go to oneDNN's float sgemm, which on the 16-core Xeon
+/// took half of Eigen's time for them (4096 x 4096, r = 16, 16 threads: 0.72 ms against 1.90;
+/// bench/results/device/dnnl_gemm_probe_issue15.txt); they stay float either way. Elsewhere Eigen.
+template <typename DA, typename DB, typename DC>
+void rank_product(bool use_dnnl, const Eigen::MatrixBase<DA>& A, bool ta, const Eigen::MatrixBase<DB>& B, bool tb,
+                  typename DA::Scalar alpha, typename DA::Scalar beta, DC&& C) {
+#ifdef DORA_WITH_DNNL
+  if constexpr (dnnl_operand<DA>() && dnnl_operand<DB>() && dnnl_operand<DC>()) {
+    if (use_dnnl && C.size() > 0) {
+      const Eigen::Index K = ta ? A.rows() : A.cols();
+      if (K == 0) {
+        C *= beta;
+        return;
+      }
+      const dnnl_status_t status = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', C.rows(), C.cols(), K, alpha,
+                                              A.derived().data(), A.derived().outerStride(), B.derived().data(),
+                                              B.derived().outerStride(), beta, C.data(), C.outerStride());
+      if (status == dnnl_success) return;
+    }
+  }
+#endif
+  (void)use_dnnl;
+  const auto product = [&](const auto& a, const auto& b) {
+    if (beta == typename DA::Scalar(0))
+      C.noalias() = alpha * a * b;
+    else {
+      if (beta != typename DA::Scalar(1)) C *= beta;
+      C.noalias() += alpha * a * b;
+    }
+  };
+  if (ta && tb)
+    product(A.transpose(), B.transpose());
+  else if (ta)
+    product(A.transpose(), B);
+  else if (tb)
+    product(A, B.transpose());
+  else
+    product(A, B);
+}
+
 /// Y = X W^T (accumulate: Y += X W^T) for a stored W. precise: on the oneDNN backend, X keeps
 /// 2^-16 relative precision (two bf16 parts) rather than 2^-8; the other paths are float anyway.
 template <typename DX, typename Storage, typename DY>
