@@ -164,7 +164,7 @@ void rank_product(bool use_dnnl, const Eigen::MatrixBase<DA>& A, bool ta, const 
 /// 2^-16 relative precision (two bf16 parts) rather than 2^-8; the other paths are float anyway.
 template <typename DX, typename Storage, typename DY>
 void split_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>& W, DY&& Y, bool accumulate = false,
-                   bool precise = false) {
+                   [[maybe_unused]] bool precise = false) {
   using Index = Eigen::Index;
 #ifdef DORA_WITH_DNNL
   if constexpr (dnnl_eligible<DX, Storage, DY>()) {
@@ -212,7 +212,7 @@ void frozen_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>&
 /// dX = G W (accumulate: dX += G W) for a stored W.
 template <typename DG, typename Storage, typename DX>
 void stored_adjoint(const Eigen::MatrixBase<DG>& G, const StoredWeight<Storage>& W, DX&& dX, bool accumulate,
-                    bool precise = false) {
+                    [[maybe_unused]] bool precise = false) {
   using Index = Eigen::Index;
 #ifdef DORA_WITH_DNNL
   if constexpr (dnnl_eligible<DG, Storage, DX>()) {
