@@ -3,6 +3,10 @@
 //    gemm), Y = X W^T and dX = G W, with n rows and with DoRA's 2r more;
 //  - LoRA's float rank-r products (x A^T, u B^T, G B, du^T x, G^T u, du A): Eigen vs dnnl_sgemm.
 // Usage: dnnl_gemm_probe d_out d_in r n   (threads: OMP_NUM_THREADS). Medians of 9.
+// A one-off probe, not a CMake target (CI builds enough); on the device, with .device-carry/ as in
+// bench/run_device_bf16.sh:
+//   g++ -std=c++17 -O3 -march=native -fopenmp -DNDEBUG -I.device-carry -I/tmp/dnnl/include \
+//     bench/dnnl_gemm_probe.cpp /tmp/dnnl/lib/libdnnl.so.2 -o /tmp/dnnl_gemm_probe
 #include <Eigen/Dense>
 #include <algorithm>
 #include <chrono>
@@ -36,8 +40,8 @@ std::vector<Eigen::bfloat16> to_bf16(const RM& m) {
 }
 
 // C (M x N) = A (M x K, bf16 row-major) op(B): B_T = B stored N x K (use as its transpose), else K x N.
-double matmul_ms(dnnl::engine& eng, dnnl::stream& s, const Eigen::bfloat16* a, long M, long K,
-                 const Eigen::bfloat16* b, long N, bool B_T, float* c) {
+double matmul_ms(dnnl::engine& eng, dnnl::stream& s, const Eigen::bfloat16* a, long M, long K, const Eigen::bfloat16* b,
+                 long N, bool B_T, float* c) {
   const dnnl::memory::desc a_md({M, K}, dt::bf16, {K, 1});
   const dnnl::memory::desc b_md({K, N}, dt::bf16, B_T ? dnnl::memory::dims{1, K} : dnnl::memory::dims{N, 1});
   const dnnl::memory::desc c_md({M, N}, dt::f32, {N, 1});
@@ -79,8 +83,8 @@ void stacked_vs_separate(dnnl::engine& eng, dnnl::stream& s, const char* what, c
       if (rep > 0) t[v].push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
     }
   for (auto& v : t) std::sort(v.begin(), v.end());
-  std::printf("  %s interleaved: %ld rows %.2f ms; %ld rows stacked %.2f ms; %ld + %ld rows separate %.2f ms\n", what, n,
-              t[0][t[0].size() / 2], n + extra, t[1][t[1].size() / 2], n, extra, t[2][t[2].size() / 2]);
+  std::printf("  %s interleaved: %ld rows %.2f ms; %ld rows stacked %.2f ms; %ld + %ld rows separate %.2f ms\n", what,
+              n, t[0][t[0].size() / 2], n + extra, t[1][t[1].size() / 2], n, extra, t[2][t[2].size() / 2]);
 }
 
 }  // namespace
@@ -121,9 +125,10 @@ int main(int argc, char** argv) {
   const double d_ux = sg('T', 'N', r, d_in, n, u.data(), r, xs.data(), d_in, 0.0f, dA.data(), d_in);
   const double d_gu = sg('T', 'N', d_out, r, n, Gs.data(), d_out, u.data(), r, 0.0f, dB.data(), r);
   const double d_ua = sg('N', 'N', n, d_in, r, u.data(), r, A.data(), d_in, 1.0f, dxo.data(), d_in);
-  std::printf("  rank-r float products (Eigen | dnnl_sgemm) ms: xA^T %.2f|%.2f uB^T %.2f|%.2f GB %.2f|%.2f "
-              "u^Tx %.2f|%.2f G^Tu %.2f|%.2f uA %.2f|%.2f; sums %.2f|%.2f\n",
-              e_xa, d_xa, e_ub, d_ub, e_gb, d_gb, e_ux, d_ux, e_gu, d_gu, e_ua, d_ua,
-              e_xa + e_ub + e_gb + e_ux + e_gu + e_ua, d_xa + d_ub + d_gb + d_ux + d_gu + d_ua);
+  std::printf(
+      "  rank-r float products (Eigen | dnnl_sgemm) ms: xA^T %.2f|%.2f uB^T %.2f|%.2f GB %.2f|%.2f "
+      "u^Tx %.2f|%.2f G^Tu %.2f|%.2f uA %.2f|%.2f; sums %.2f|%.2f\n",
+      e_xa, d_xa, e_ub, d_ub, e_gb, d_gb, e_ux, d_ux, e_gu, d_gu, e_ua, d_ua, e_xa + e_ub + e_gb + e_ux + e_gu + e_ua,
+      d_xa + d_ub + d_gb + d_ux + d_gu + d_ua);
   return 0;
 }

@@ -7,7 +7,10 @@
 // K 2^-24 bounds float accumulation over K terms):
 //   |y - sum_k bf16(x_k) w_k| <= gamma_K sum_k |bf16(x_k) w_k|
 //   |y - sum_k x_k w_k|       <= (u (1 + gamma_K) + gamma_K) sum_k |x_k w_k|
+#include <algorithm>
 #include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdio>
 #include <dora/dnnl/bf16_matmul.hpp>
 #include <dora/dora.hpp>
 #include <dora/io/safetensors.hpp>
@@ -293,6 +296,85 @@ TEST_CASE("LoRA on a bf16 W through oneDNN: y and every gradient within the deri
   CHECK(rdx <= 1.0);
   CHECK(rdA <= 1.0);
   CHECK(rdB <= 1.0);
+}
+
+// Finite differences on the backend itself. The backend's forward is not differentiable in x (x
+// is rounded to bf16 before the frozen product), but it is in m, A and B, whose every product keeps
+// float precision (two bf16 parts where W is involved), so its dm, dA, dB must be the derivatives of
+// its own forward: L = <G, y(m, A, B)>, central differences in float along seeded random directions,
+// h = 2^-6 (truncation ~h^2, the float rounding of L over 2h ~1e-5 relative here).
+TEST_CASE("Finite differences on the oneDNN backend: dm, dA, dB are the derivatives of its own forward",
+          "[dnnl][bf16][gradients]") {
+  const Eigen::Index d_out = 40, d_in = 56, r = 4, n = 7;
+  const std::vector<dora::bfloat16> wb =
+      dora::encode_weight<dora::bfloat16>(random_matrix<float>(d_out, d_in, 41, 1.0 / std::sqrt(56.0)));
+  const Vec<float> bias = random_vector<float>(d_out, 42, 0.1);
+  dora::AdapterConfig c;
+  c.rank = r;
+  c.alpha = 8;
+  c.norm_gradient = dora::NormGradient::exact;
+  const Mat<float> A = random_matrix<float>(r, d_in, 43, 0.2), B = random_matrix<float>(d_out, r, 44, 0.2);
+  const Mat<float> x = random_matrix<float>(n, d_in, 45), G = random_matrix<float>(n, d_out, 46);
+  const Mat<float> DA = random_matrix<float>(r, d_in, 47, 0.2), DB = random_matrix<float>(d_out, r, 48, 0.2);
+  Vec<float> m0;
+  {
+    dora::DoraLinear<float, dora::bfloat16> probe(dora::borrow<float>(wb, d_out, d_in, bias.data()), c, A, B);
+    m0 = probe.magnitude().array() * 1.1f;
+  }
+  const Vec<float> Dm = random_vector<float>(d_out, 49, 0.5);
+  const auto loss = [&](const Mat<float>& a, const Mat<float>& b, const Vec<float>& m, bool lora) {
+    Mat<float> y;
+    if (lora) {
+      dora::LoraLinear<float, dora::bfloat16> layer(dora::borrow<float>(wb, d_out, d_in, bias.data()), c, a, b);
+      y = layer.forward(x);
+    } else {
+      dora::DoraLinear<float, dora::bfloat16> layer(dora::borrow<float>(wb, d_out, d_in, bias.data()), c, a, b);
+      layer.set_magnitude(m);
+      y = layer.forward(x);
+    }
+    return (G.cast<double>().array() * y.cast<double>().array()).sum();
+  };
+  const float h = 0x1.0p-6f;
+  for (const bool lora : {false, true}) {
+    Mat<float> dA, dB;
+    Vec<float> dm;
+    if (lora) {
+      dora::LoraLinear<float, dora::bfloat16> layer(dora::borrow<float>(wb, d_out, d_in, bias.data()), c, A, B);
+      layer.forward(x);
+      layer.backward(G);
+      dA = layer.grad_lora_A();
+      dB = layer.grad_lora_B();
+    } else {
+      dora::DoraLinear<float, dora::bfloat16> layer(dora::borrow<float>(wb, d_out, d_in, bias.data()), c, A, B);
+      layer.set_magnitude(m0);
+      layer.forward(x);
+      layer.backward(G);
+      dA = layer.grad_lora_A();
+      dB = layer.grad_lora_B();
+      dm = layer.grad_magnitude();
+    }
+    const auto rel = [](double fd, double an) { return std::abs(fd - an) / std::max(std::abs(an), 1e-30); };
+    const Mat<float> Ap = A + h * DA, Am = A - h * DA, Bp = B + h * DB, Bm = B - h * DB;
+    const double fdA = (loss(Ap, B, m0, lora) - loss(Am, B, m0, lora)) / (2.0 * h);
+    const double fdB = (loss(A, Bp, m0, lora) - loss(A, Bm, m0, lora)) / (2.0 * h);
+    const double anA = (dA.cast<double>().array() * DA.cast<double>().array()).sum();
+    const double anB = (dB.cast<double>().array() * DB.cast<double>().array()).sum();
+    double em = 0.0, fdm = 0.0, anm = 0.0;
+    if (!lora) {
+      const Vec<float> mp = m0 + h * Dm, mm = m0 - h * Dm;
+      fdm = (loss(A, B, mp, false) - loss(A, B, mm, false)) / (2.0 * h);
+      anm = (dm.cast<double>().array() * Dm.cast<double>().array()).sum();
+      em = rel(fdm, anm);
+    }
+    std::printf("dnnl finite differences (%s, %s): <dA,D> %.6f vs %.6f (rel %.1e), <dB,D> %.6f vs %.6f (rel %.1e)",
+                lora ? "LoRA" : "DoRA exact", dora::dnnl_backend::enabled() ? "bf16 backend" : "float fallback", anA,
+                fdA, rel(fdA, anA), anB, fdB, rel(fdB, anB));
+    if (!lora) std::printf(", <dm,D> %.6f vs %.6f (rel %.1e)", anm, fdm, em);
+    std::printf("\n");
+    CHECK(rel(fdA, anA) <= 2e-3);
+    CHECK(rel(fdB, anB) <= 2e-3);
+    CHECK(em <= 2e-3);
+  }
 }
 
 TEST_CASE("The oneDNN switch: off is today's float path exactly; on is refused without bf16 units", "[dnnl][bf16]") {
