@@ -377,7 +377,7 @@ TEST_CASE("Finite differences on the oneDNN backend: dm, dA, dB are the derivati
   }
 }
 
-TEST_CASE("The oneDNN switch: off is today's float path exactly; on is refused without bf16 units", "[dnnl][bf16]") {
+TEST_CASE("The oneDNN switch: off is today's float path exactly, on is refused without bf16 units", "[dnnl][bf16]") {
   const Eigen::Index d_out = 48, d_in = 64, n = 9;
   const std::vector<dora::bfloat16> wb = dora::encode_weight<dora::bfloat16>(random_matrix<float>(d_out, d_in, 21));
   dora::AdapterConfig c;
