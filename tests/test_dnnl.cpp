@@ -15,6 +15,9 @@
 #include <dora/dora.hpp>
 #include <dora/io/safetensors.hpp>
 #include <nlohmann/json.hpp>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <string>
 
 #include "io_support.hpp"
@@ -195,7 +198,8 @@ TEST_CASE("DoRA on a bf16 W through oneDNN: y and every gradient within the deri
                              {70, 301, 5, 33, dora::NormGradient::exact, "70x301 r5 n33 exact"},
                              {256, 200, 16, 3, dora::NormGradient::detached, "256x200 r16 n3 detached"},
                              // Large enough for the products to run on threads.
-                             {512, 520, 8, 24, dora::NormGradient::exact, "512x520 r8 n24 exact"}};
+                             {512, 520, 8, 24, dora::NormGradient::exact, "512x520 r8 n24 exact"},
+                             {512, 520, 8, 24, dora::NormGradient::detached, "512x520 r8 n24 detached"}};
   for (const LayerCase& lc : cases) {
     const Eigen::Index d_out = lc.d_out, d_in = lc.d_in, r = lc.r, n = lc.n;
     const Mat<float> Wf = random_matrix<float>(d_out, d_in, 11, 1.0 / std::sqrt(static_cast<double>(d_in)));
@@ -221,6 +225,22 @@ TEST_CASE("DoRA on a bf16 W through oneDNN: y and every gradient within the deri
     const Outputs o = bf16_step(wb, d_out, d_in, bias, c, A, B, md.cast<float>(), x, G);
     check_bounds(lc.name, o, y_ref, dx_ref, ref.grad_magnitude(), ref.grad_lora_A(), ref.grad_lora_B(),
                  derive_bounds(Wd, Ad, Bd, xd, Gd, md, ref.scaling(), lc.norm_gradient == dora::NormGradient::exact));
+#ifdef _OPENMP
+    // With threads, A's two parts (and the exact gradient's) go in products of their own; on one
+    // thread they are stacked under x. Both carry 2^-16: they must agree far inside the bounds above,
+    // which are too loose to see a lost part.
+    if (omp_get_max_threads() > 1 && d_out * d_in >= 512 * 520) {
+      const int threads = omp_get_max_threads();
+      omp_set_num_threads(1);
+      const Outputs one = bf16_step(wb, d_out, d_in, bias, c, A, B, md.cast<float>(), x, G);
+      omp_set_num_threads(threads);
+      const double worst = std::max({rel_err(o.y, one.y), rel_err(o.dx, one.dx), rel_err(o.dm, one.dm),
+                                     rel_err(o.dA, one.dA), rel_err(o.dB, one.dB)});
+      std::printf("dnnl %s: %d threads (parts apart) vs 1 (stacked): max rel difference %.1e\n", lc.name, threads,
+                  worst);
+      CHECK(worst <= 1e-4);
+    }
+#endif
   }
 }
 
