@@ -191,3 +191,92 @@ TEST_CASE("A corrupt or mismatched checkpoint is refused and changes nothing", "
     CHECK_THROWS_WITH(layer.set_dropout_state("1 2 3"), Catch::Contains("not a random generator state"));
   }
 }
+
+TEST_CASE("load_checkpoint restores the learning-rate factor; a late refusal leaves the optimizer exactly as it was",
+          "[checkpoint][errors]") {
+  const Mat<float> W1 = random_matrix<float>(12, 10, 1);
+  dora::DoraLinear<float> layer(dora::borrow(W1), config(), random_matrix<float>(3, 10, 4),
+                                random_matrix<float>(12, 3, 5, 0.1));
+  dora::AdamWOptions o;
+  o.amsgrad = true;  // three state tensors per parameter: a refusal can come late
+  const auto train = [&](dora::AdamW<float>& opt, long steps, std::uint64_t seed) {
+    for (long t = 0; t < steps; ++t) {
+      layer.zero_grad();
+      layer.forward(random_matrix<float>(4, 10, seed + static_cast<std::uint64_t>(t)));
+      layer.backward(random_matrix<float>(4, 12, seed + 50 + static_cast<std::uint64_t>(t)));
+      opt.step();
+    }
+  };
+  dora::AdamW<float> saved(dora::dora_parameter_groups(layer.parameters(), 1e-2, 0.1, 4.0), o);
+  train(saved, 3, 10);
+  saved.set_lr_factor(0.375);
+  TempDir tmp;
+  dora::io::PeftAdapterWriter writer;
+  writer.add("l", layer);
+  dora::io::save_checkpoint(tmp / "good", writer, saved, {});
+
+  SECTION("the factor and the groups' learning rates") {
+    dora::AdamW<float> fresh(dora::dora_parameter_groups(layer.parameters(), 1e-2, 0.1, 4.0), o);
+    dora::io::load_checkpoint(tmp / "good", fresh);
+    CHECK(fresh.lr_factor() == 0.375);
+    REQUIRE(fresh.groups().size() == saved.groups().size());
+    for (std::size_t g = 0; g < fresh.groups().size(); ++g) CHECK(fresh.groups()[g].lr == saved.groups()[g].lr);
+    CHECK(fresh.groups()[1].lr == 1e-2 * 4.0 * 0.375);
+    CHECK(fresh.step_count() == 3);
+  }
+
+  SECTION("refused late") {
+    // An optimizer with a state of its own (other steps, another factor): after a refused load every
+    // state value, the step count and the learning rates must be bit for bit what they were.
+    dora::AdamW<float> other(dora::dora_parameter_groups(layer.parameters(), 1e-2, 0.1, 4.0), o);
+    train(other, 2, 70);
+    other.set_lr_factor(0.5);
+    std::vector<Vec<float>> before;
+    for (const auto& [name, v] : other.state_tensors()) before.push_back(*v);
+    const auto unchanged = [&]() {
+      CHECK(other.step_count() == 2);
+      CHECK(other.lr_factor() == 0.5);
+      CHECK(other.groups()[1].lr == 1e-2 * 4.0 * 0.5);
+      std::size_t k = 0;
+      for (const auto& [name, v] : other.state_tensors()) {
+        INFO("state tensor " << name);
+        CHECK((v->array() == before[k++].array()).all());
+      }
+    };
+    // A copy of the good state file, with its last tensor changed (or one tensor more).
+    const dora::io::SafetensorsReader good(tmp / "good/trainer_state.safetensors");
+    const std::vector<dora::io::TensorInfo>& infos = good.tensors();
+    REQUIRE(infos.size() >= 6);
+    const auto rewrite = [&](const std::string& dir, int change) {
+      REQUIRE(::mkdir(dir.c_str(), 0755) == 0);
+      dora::io::SafetensorsWriter w(dir + "/trainer_state.safetensors");
+      w.set_metadata(good.metadata());
+      for (std::size_t i = 0; i < infos.size(); ++i) {
+        const Vec<float> v = good.vector<float>(infos[i].name);
+        const bool last = i + 1 == infos.size();
+        if (last && change == 1)
+          w.add(infos[i].name, v, dora::io::Dtype::F64);  // the wrong dtype
+        else if (last && change == 2)
+          w.add(infos[i].name, Vec<float>(v.head(v.size() - 1)), dora::io::Dtype::F32);  // one value short
+        else
+          w.add(infos[i].name, v, dora::io::Dtype::F32);
+      }
+      if (change == 3) w.add("zz_extra", Vec<float>::Ones(2), dora::io::Dtype::F32);
+      w.finish();
+    };
+    rewrite(tmp / "dtype", 1);
+    rewrite(tmp / "size", 2);
+    rewrite(tmp / "extra", 3);
+    CHECK_THROWS_WITH(dora::io::load_checkpoint(tmp / "dtype", other), Catch::Contains("is F64"));
+    unchanged();
+    CHECK_THROWS_WITH(dora::io::load_checkpoint(tmp / "size", other), Catch::Contains("but the optimizer's is F32"));
+    unchanged();
+    CHECK_THROWS_WITH(dora::io::load_checkpoint(tmp / "extra", other), Catch::Contains("state tensors, the optimizer"));
+    unchanged();
+    // The same files but intact load (the changes above are what was refused).
+    rewrite(tmp / "intact", 0);
+    dora::io::load_checkpoint(tmp / "intact", other);
+    CHECK(other.step_count() == 3);
+    CHECK(other.lr_factor() == 0.375);
+  }
+}

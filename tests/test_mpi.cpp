@@ -117,6 +117,32 @@ TEST_CASE("K ranks with K equal shares of a global batch take one process's step
   CHECK(err < 1e-13);
 }
 
+TEST_CASE("broadcast_parameters from any root: every rank ends with that rank's values", "[mpi]") {
+  const int k = world_size(), r = world_rank();
+  const Mat<double> W = random_matrix<double>(7, 5, 1);
+  dora::DoraLinear<double> a(dora::borrow(W), config(0.0)), b(dora::borrow(W), config(0.0));
+  DataParallel<double> dp(concat(a, b));
+  // Rank q's parameter entry i is 1000 q + i: whose values arrived is readable from any entry.
+  const auto fill = [&](int q) {
+    double i = 0;
+    for (dora::Parameter<double>& p : concat(a, b))
+      for (Eigen::Index j = 0; j < p.value.size(); ++j) p.value[j] = 1000.0 * q + i++;
+  };
+  for (int root = k - 1; root >= 0; --root) {
+    fill(r);
+    dp.broadcast_parameters(root);
+    double err = 0, i = 0;
+    for (dora::Parameter<double>& p : concat(a, b))
+      for (Eigen::Index j = 0; j < p.value.size(); ++j) err = std::max(err, std::abs(p.value[j] - (1000.0 * root + i++)));
+    std::printf("broadcast_parameters from root %d of %d on rank %d: max difference from the root's values %.3g\n",
+                root, k, r, err);
+    CHECK(err == 0.0);
+    // The gradients are not touched.
+    CHECK(a.grad_lora_A().isZero(0.0));
+  }
+  CHECK_THROWS_WITH(dp.broadcast_parameters(k), Catch::Contains("root must be in [0, " + std::to_string(k)));
+}
+
 TEST_CASE("A rank whose parameters drifted is named on every rank; different models are refused", "[mpi][errors]") {
   const int k = world_size(), r = world_rank();
   const Mat<double> W = random_matrix<double>(6, 4, 8);

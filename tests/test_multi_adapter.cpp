@@ -11,11 +11,17 @@
 #include <catch2/catch.hpp>
 #include <dora/io/io.hpp>
 #include <dora/multi_adapter.hpp>
+#include <algorithm>
 #include <functional>
+#include <memory>
 #include <string>
 
 #include "io_support.hpp"
 #include "test_support.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 using namespace dora_test;
 
@@ -711,4 +717,143 @@ TEST_CASE("merge_checkpoint stacks adapters on a transposed (embedding) weight a
   const double e = rel_err(got.matrix<double>("emb.weight"), want);
   std::printf("multi: merge_checkpoint LoRA then DoRA on an embedding vs MultiEmbedding::merge: %.2e\n", e);
   CHECK(e <= 1e-14);
+}
+
+TEST_CASE("A mixed batch where adapters own more than one task's rows equals the per-adapter layers",
+          "[multi][threads]") {
+  // infer_mixed cuts each adapter's rows into tasks of 64: 150 rows of one adapter (64 + 64 + 22),
+  // 70 of another (64 + 6), 9 of the base, interleaved, on 1 and 2 threads.
+  dora::AdapterConfig c;
+  c.rank = 3;
+  c.alpha = 6;
+  const Mat<double> W = random_matrix<double>(11, 13, 1);
+  const Vec<double> b = random_vector<double>(11, 2);
+  dora::MultiLinear<double> layer(dora::borrow(W, b));
+  const Mat<double> A1 = random_matrix<double>(3, 13, 4), B1 = random_matrix<double>(11, 3, 5);
+  const Mat<double> A2 = random_matrix<double>(3, 13, 6), B2 = random_matrix<double>(11, 3, 7);
+  layer.add("d", dora::AdapterKind::dora, c, A1, B1).m.array() *= 1.3;
+  layer.add("l", dora::AdapterKind::lora, c, A2, B2);
+  dora::DoraLinear<double> d(dora::borrow(W, b), c, A1, B1);
+  d.set_magnitude(layer.adapter("d").m);
+  d.eval();
+  dora::LoraLinear<double> l(dora::borrow(W, b), c, A2, B2);
+  l.eval();
+  std::vector<std::string> rows;
+  for (int t = 0; t < 229; ++t) rows.push_back(t % 3 == 1 && t < 210 ? "l" : t % 25 == 24 ? "" : "d");
+  const Eigen::Index n_d = std::count(rows.begin(), rows.end(), "d"), n_l = std::count(rows.begin(), rows.end(), "l");
+  REQUIRE(n_d > 128);
+  REQUIRE(n_l > 64);
+  const Mat<double> x = random_matrix<double>(229, 13, 8);
+  const Mat<double> yd = d.forward(x), yl = l.forward(x);
+  const Mat<double> y0 = (x * W.transpose()).rowwise() + b.transpose();
+  Mat<double> want(229, 11);
+  for (int t = 0; t < 229; ++t) want.row(t) = rows[t] == "d" ? yd.row(t) : rows[t] == "l" ? yl.row(t) : y0.row(t);
+  layer.prepare_inference();
+#ifdef _OPENMP
+  const int saved = omp_get_max_threads();
+  for (const int threads : {1, 2}) {
+    omp_set_num_threads(threads);
+#else
+  for (const int threads : {1}) {
+#endif
+    const double e = rel_err(layer.infer_mixed(x, rows), want);
+    std::printf("multi: mixed batch of %ld DoRA, %ld LoRA and %ld base rows, %d thread(s), vs the layers: %.2e\n",
+                static_cast<long>(n_d), static_cast<long>(n_l), static_cast<long>(229 - n_d - n_l), threads, e);
+    CHECK(e <= 1e-14);
+  }
+#ifdef _OPENMP
+  omp_set_num_threads(saved);
+#endif
+}
+
+TEST_CASE("A negative padding_idx counts from the end, as torch's, on single and multi-adapter embeddings",
+          "[multi][embedding]") {
+  // torch.nn.Embedding(num, dim, padding_idx=-1) is padding_idx = num - 1: that column of A gets no
+  // gradient through the lookup. Against the layer with the positive index (bit for bit) and the
+  // layer without padding (every other column the same, the padded one not zero there).
+  const Mat<double> T = random_matrix<double>(8, 5, 1);
+  dora::AdapterConfig c;
+  c.rank = 2;
+  c.init = dora::Init::user;
+  const Mat<double> A = random_matrix<double>(2, 8, 2), B = random_matrix<double>(5, 2, 3);
+  dora::TokenIds ids(6);
+  ids << 7, 1, 7, 3, 0, 7;
+  const Mat<double> dy = random_matrix<double>(6, 5, 4);
+  CHECK(dora::borrow_embedding(T, -1).padding_idx == 7);
+  CHECK(dora::borrow_embedding(T, -8).padding_idx == 0);
+  CHECK_THROWS_WITH(dora::borrow_embedding(T, -9), Catch::Contains("padding_idx -9"));
+  const auto grads = [&](auto&& layer) {
+    layer.forward(ids);
+    layer.backward_parameters(dy);
+    return Mat<double>(layer.grad_lora_A());
+  };
+  const Mat<double> neg = grads(dora::DoraEmbedding<double>(dora::borrow_embedding(T, -1), c, A, B));
+  const Mat<double> pos = grads(dora::DoraEmbedding<double>(dora::borrow_embedding(T, 7), c, A, B));
+  const Mat<double> none = grads(dora::DoraEmbedding<double>(dora::borrow_embedding(T), c, A, B));
+  CHECK(neg == pos);
+  CHECK(neg.col(7).isZero(0.0));
+  CHECK(none.col(7).cwiseAbs().maxCoeff() > 1e-3);
+  CHECK(neg.leftCols(7) == none.leftCols(7));
+  const Mat<double> lneg = grads(dora::LoraEmbedding<double>(dora::borrow_embedding(T, -1), c, A, B));
+  CHECK(lneg.col(7).isZero(0.0));
+  CHECK(lneg.col(1).cwiseAbs().maxCoeff() > 1e-3);
+  // Multi: the padded column of every adapter's A.
+  dora::MultiEmbedding<double> multi(dora::borrow_embedding(T, -1));
+  multi.add("d", dora::AdapterKind::dora, c, A, B);
+  multi.add("l", dora::AdapterKind::lora, c, A, B);
+  multi.set_active({"l", "d"});
+  multi.forward(ids);
+  multi.backward_parameters(dy);
+  dora::MultiEmbedding<double> multi_none(dora::borrow_embedding(T));
+  multi_none.add("d", dora::AdapterKind::dora, c, A, B);
+  multi_none.add("l", dora::AdapterKind::lora, c, A, B);
+  multi_none.set_active({"l", "d"});
+  multi_none.forward(ids);
+  multi_none.backward_parameters(dy);
+  for (const char* name : {"d", "l"}) {
+    INFO("adapter " << name);
+    CHECK(multi.adapter(name).grad_A.col(7).isZero(0.0));
+    CHECK(multi_none.adapter(name).grad_A.col(7).cwiseAbs().maxCoeff() > 1e-3);
+    CHECK(multi.adapter(name).grad_A.leftCols(7) == multi_none.adapter(name).grad_A.leftCols(7));
+  }
+  std::printf("multi: padding_idx -1 on an 8-token table: padded column's dA zero on single and multi layers\n");
+}
+
+TEST_CASE("Multi-adapter layers in evaluation mode draw no dropout masks", "[multi]") {
+  // PEFT's nn.Dropout is the identity in eval(): the output equals the layer without dropout and the
+  // adapters' streams do not move (a later training forward draws what it would have drawn).
+  dora::AdapterConfig c;
+  c.rank = 2;
+  c.alpha = 4;
+  c.dropout = 0.5;
+  c.init = dora::Init::user;
+  dora::AdapterConfig no_drop = c;
+  no_drop.dropout = 0.0;
+  const Mat<double> W = random_matrix<double>(6, 5, 1), x = random_matrix<double>(4, 5, 2);
+  const Mat<double> A1 = random_matrix<double>(2, 5, 3), B1 = random_matrix<double>(6, 2, 4);
+  const Mat<double> A2 = random_matrix<double>(2, 5, 5), B2 = random_matrix<double>(6, 2, 6);
+  const auto make = [&](const dora::AdapterConfig& cfg) {
+    auto layer = std::make_unique<dora::MultiLinear<double>>(dora::borrow(W));
+    layer->add("d", dora::AdapterKind::dora, cfg, A1, B1);
+    layer->add("l", dora::AdapterKind::lora, cfg, A2, B2);
+    layer->set_active({"d", "l"});
+    return layer;
+  };
+  const auto layer = make(c);
+  const auto plain = make(no_drop);
+  const std::string d0 = layer->dropout_state("d"), l0 = layer->dropout_state("l");
+  layer->eval();
+  plain->eval();
+  const Mat<double> y = layer->forward(x);
+  CHECK(y == plain->forward(x));
+  CHECK(layer->dropout_mask("d").size() == 0);
+  CHECK(layer->dropout_mask("l").size() == 0);
+  layer->backward_parameters(random_matrix<double>(4, 6, 7));
+  CHECK(layer->dropout_state("d") == d0);
+  CHECK(layer->dropout_state("l") == l0);
+  // In training mode the same layer draws (the check above can fail).
+  layer->train();
+  layer->forward(x);
+  CHECK(layer->dropout_mask("d").size() == x.size());
+  CHECK(layer->dropout_state("d") != d0);
 }

@@ -21,6 +21,10 @@
 
 #include "test_support.hpp"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 using namespace dora_test;
 
 namespace {
@@ -505,4 +509,116 @@ TEST_CASE("Stored weights: errors name what was wrong", "[storage]") {
   c.rank = 2;
   dora::DoraLinear<float, dora::bfloat16> layer(dora::borrow<float>(wb), c);
   CHECK_THROWS_WITH(layer.forward(random_matrix<float>(3, 9, 16)), Catch::Contains("x must have d_in = 8 columns"));
+}
+
+TEST_CASE("f16 widening of every bit pattern through the storage path: infinities, NaN, subnormals", "[storage]") {
+  // All 65536 patterns, decoded by the definition written here (sign, 5-bit exponent biased by 15,
+  // 10-bit fraction; exponent 0 subnormal, 31 infinite or NaN) and by what the layers read back.
+  Eigen::Matrix<dora::float16, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> H(64, 1024);
+  for (int k = 0; k < 65536; ++k) {
+    const std::uint16_t bits = static_cast<std::uint16_t>(k);
+    std::memcpy(static_cast<void*>(H.data() + k), &bits, sizeof bits);
+  }
+  const auto definition = [](int k) {
+    const int sign = k >> 15, exponent = (k >> 10) & 31, fraction = k & 1023;
+    double v = 0.0;
+    if (exponent == 31)
+      v = fraction == 0 ? std::numeric_limits<double>::infinity() : std::numeric_limits<double>::quiet_NaN();
+    else if (exponent == 0)
+      v = std::ldexp(static_cast<double>(fraction), -24);
+    else
+      v = std::ldexp(1024.0 + fraction, exponent - 25);
+    return sign != 0 ? -v : v;
+  };
+  const Mat<double> back_d = dora::dequantize<double>(dora::borrow<double>(H).weight);
+  const Mat<float> back_f = dora::dequantize<float>(dora::borrow<float>(H).weight);
+  long wrong = 0, nan = 0, inf = 0, subnormal = 0;
+  for (int k = 0; k < 65536; ++k) {
+    const double want = definition(k);
+    for (const double got : {back_d.data()[k], static_cast<double>(back_f.data()[k])}) {
+      const bool same = std::isnan(want) ? std::isnan(got) && std::signbit(got) == std::signbit(want)
+                                         : got == want && std::signbit(got) == std::signbit(want);
+      if (!same && wrong++ < 5) std::printf("f16 pattern 0x%04x: %.9g, the definition %.9g\n", k, got, want);
+    }
+    nan += std::isnan(want);
+    inf += std::isinf(want);
+    subnormal += ((k >> 10) & 31) == 0 && (k & 1023) != 0;
+  }
+  std::printf("storage: f16 widening of all 65536 patterns (%ld NaN, %ld infinite, %ld subnormal): %ld differ\n", nan,
+              inf, subnormal, wrong);
+  CHECK(nan == 2046);
+  CHECK(inf == 2);
+  CHECK(wrong == 0);
+  // The tiled product reads the same values: with x = I, y = x W^T is W^T entry for entry (every
+  // finite pattern, subnormals included; one column of W per input row, exact: one non-zero term).
+  const Eigen::Index finite_rows = 30;  // rows 0..29 of H hold patterns 0x0000..0x77ff: finite, positive
+  Eigen::Matrix<dora::float16, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> F = H.topRows(finite_rows);
+  F.bottomRows(1).leftCols(512) = H.middleRows(32, 1).leftCols(512);  // negative zero and negative subnormals
+  dora::AdapterConfig c;
+  c.rank = 2;
+  dora::LoraLinear<float, dora::float16> layer(dora::borrow<float>(F), c);
+  layer.eval();
+  const Mat<float> y = layer.forward(Mat<float>::Identity(1024, 1024));
+  const Mat<float> want = dora::dequantize<float>(dora::borrow<float>(F).weight).transpose();
+  const double e = rel_err(y, want);
+  std::printf("storage: f16 tiled product of every finite pattern (I W^T) vs the widened W: %.3g\n", e);
+  CHECK(e == 0.0);
+}
+
+TEMPLATE_TEST_CASE("Stored products split unevenly over 2 and 3 threads equal the dense layer", "[storage][threads]",
+                   dora::bfloat16, dora::float16, dora::BlockQ8_0, dora::BlockQ4_0) {
+  using Storage = TestType;
+  constexpr Eigen::Index block = dora::detail::StorageTraits<Storage>::block;
+  // Rows that no thread count divides (4097, 32001), columns that are odd where the format allows
+  // (97, 33; 96, 32 for blocks), and a wide W (8001 / 8000 columns) whose columns split over threads.
+  struct Shape {
+    Eigen::Index d_out, d_in;
+  };
+  const std::vector<Shape> shapes{{4097, block == 1 ? 97 : 96}, {32001, block == 1 ? 33 : 32},
+                                  {37, block == 1 ? 8001 : 8000}};
+#ifdef _OPENMP
+  const int saved = omp_get_max_threads();
+  const std::vector<int> thread_counts{2, 3};  // one thread: every other stored-weight test
+#else
+  const std::vector<int> thread_counts{1};
+#endif
+  for (const Shape& sh : shapes) {
+    const Mat<float> W0 = random_matrix<float>(sh.d_out, sh.d_in, 3, 0.05);
+    const std::vector<Storage> stored = dora::encode_weight<Storage>(W0);
+    const Vec<float> b = random_vector<float>(sh.d_out, 4);
+    const dora::BaseLayer<float, Storage> sbase = dora::borrow<float>(stored, sh.d_out, sh.d_in, b.data());
+    const Mat<float> W = dora::dequantize<float>(sbase.weight);
+    const Eigen::Index r = 4;
+    const Mat<float> A = random_matrix<float>(r, sh.d_in, 5, 0.05), B = random_matrix<float>(sh.d_out, r, 6, 0.05);
+    dora::AdapterConfig c;
+    c.rank = r;
+    c.alpha = 8;
+    c.norm_gradient = dora::NormGradient::exact;
+    for (const int threads : thread_counts) {
+#ifdef _OPENMP
+      omp_set_num_threads(threads);
+#endif
+      for (const Eigen::Index N : {Eigen::Index(3), Eigen::Index(24)}) {
+        const Mat<float> x = random_matrix<float>(N, sh.d_in, 7), dy = random_matrix<float>(N, sh.d_out, 8);
+        dora::DoraLinear<float, Storage> dora_s(sbase, c, A, B);
+        dora::DoraLinear<float> dora_d(dora::borrow(W, b), c, A, B);
+        const double ey = rel_err(dora_s.forward(x), dora_d.forward(x));
+        const double edx = rel_err(dora_s.backward(dy), dora_d.backward(dy));
+        const double edA = rel_err(dora_s.grad_lora_A(), dora_d.grad_lora_A());
+        const double edm = rel_err(dora_s.grad_magnitude(), dora_d.grad_magnitude());
+        dora_s.prepare_inference();
+        dora_d.prepare_inference();
+        const double eval = rel_err(dora_s.forward(x), dora_d.forward(x));
+        const double worst = std::max({ey, edx, edA, edm, eval});
+        std::printf("storage: %-4s %5ld x %4ld, %d thread(s), N %2ld: worst relative error vs the dense layer %.2e\n",
+                    storage_name<Storage>(), static_cast<long>(sh.d_out), static_cast<long>(sh.d_in), threads,
+                    static_cast<long>(N), worst);
+        INFO("y " << ey << " dx " << edx << " dA " << edA << " dm " << edm << " eval " << eval);
+        CHECK(worst <= 2e-5);
+      }
+    }
+  }
+#ifdef _OPENMP
+  omp_set_num_threads(saved);
+#endif
 }

@@ -305,8 +305,10 @@ void for_each_parameter(std::vector<ParamGroup<Scalar>>& groups, F&& f) {
 /// torch.nn.utils.clip_grad_norm_(params, max_norm) (2-norm): scales every gradient by
 /// min(1, max_norm / (total + 1e-6)), total the 2-norm of all gradients together; returns total.
 /// `params`: a vector of Parameter views, or of ParamGroups (an optimizer's groups()). A non-finite
-/// total is returned and the gradients are left as they are (torch's error_if_nonfinite=False would
-/// scale them by NaN). Allocates nothing.
+/// total is treated as torch does with error_if_nonfinite=False: the coefficient is
+/// clamp(max_norm / (total + 1e-6), max = 1), which is 0 for an infinite total (finite gradients
+/// become 0, infinite ones NaN) and NaN for a NaN total (every gradient NaN); check the returned total
+/// to skip such a step. Allocates nothing.
 template <typename Params>
 double clip_grad_norm(Params& params, double max_norm) {
   DORA_CHECK_ARG(max_norm > 0.0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
@@ -318,8 +320,9 @@ double clip_grad_norm(Params& params, double max_norm) {
     sum += n * n;
   });
   const Scalar total = static_cast<Scalar>(std::sqrt(sum));
-  if (!std::isfinite(static_cast<double>(total))) return static_cast<double>(total);
-  const Scalar coef = std::min(Scalar(1), static_cast<Scalar>(max_norm) / (total + static_cast<Scalar>(1e-6)));
+  const Scalar ratio = static_cast<Scalar>(max_norm) / (total + static_cast<Scalar>(1e-6));
+  // torch.clamp(ratio, max=1) keeps a NaN (std::min(1, NaN) would return 1).
+  const Scalar coef = ratio > Scalar(1) ? Scalar(1) : ratio;
   detail::for_each_parameter(params, [&](Parameter<Scalar>& p) { p.grad *= coef; });
   return static_cast<double>(total);
 }

@@ -23,6 +23,7 @@
 #include "dora/io/detail/platform.hpp"
 // clang-format on
 
+#include <cmath>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -147,11 +148,22 @@ TrainerState load_checkpoint(const std::string& dir, Optim& opt) {
     detail::peft_fail(file, "checkpoint has " + std::to_string(r.tensors().size()) + " state tensors, the optimizer " +
                                 std::to_string(views.size()));
   TrainerState state;
-  const double factor = need("lr_factor").template get<double>();
-  const long optimizer_step = need("optimizer_step").template get<long>();
-  state.step = need("step").template get<long>();
-  state.rng = need("rng").template get<std::map<std::string, std::string>>();
+  double factor = 0.0;
+  long optimizer_step = 0;
+  try {
+    factor = need("lr_factor").template get<double>();
+    optimizer_step = need("optimizer_step").template get<long>();
+    state.step = need("step").template get<long>();
+    state.rng = need("rng").template get<std::map<std::string, std::string>>();
+  } catch (const nlohmann::json::exception& e) {
+    detail::peft_fail(file, std::string("checkpoint metadata has a value of the wrong type: ") + e.what());
+  }
   state.extra = need("extra");
+  // set_lr_factor would refuse these after the state was already written.
+  if (!std::isfinite(factor) || factor < 0.0)
+    detail::peft_fail(file, "checkpoint lr_factor " + std::to_string(factor) + " is not finite and >= 0");
+  if (optimizer_step < 0)
+    detail::peft_fail(file, "checkpoint optimizer_step " + std::to_string(optimizer_step) + " is negative");
   // Everything checked: now change the optimizer.
   for (std::size_t k = 0; k < views.size(); ++k) *views[k].second = values[k];
   opt.set_step_count(optimizer_step);
