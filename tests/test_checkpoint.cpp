@@ -192,7 +192,7 @@ TEST_CASE("A corrupt or mismatched checkpoint is refused and changes nothing", "
   }
 }
 
-TEST_CASE("load_checkpoint restores the learning-rate factor; a late refusal leaves the optimizer exactly as it was",
+TEST_CASE("load_checkpoint restores the learning-rate factor, and a late refusal leaves the optimizer as it was",
           "[checkpoint][errors]") {
   const Mat<float> W1 = random_matrix<float>(12, 10, 1);
   dora::DoraLinear<float> layer(dora::borrow(W1), config(), random_matrix<float>(3, 10, 4),

@@ -59,6 +59,16 @@ TEST_CASE("bf16 product and adjoint through oneDNN are within their bounds of fl
   const double gamma = static_cast<double>(K) * 0x1.0p-24, u = 0x1.0p-8;
 
   Mat<float> Y(M, N);
+  // oneDNN 2.6 runs bf16 matmuls from AVX-512 up (emulated without bf16 units); below that (an AVX2
+  // CPU) it has no such primitive and the call must fail with an exception, not crash.
+  const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+  const auto avx512 = static_cast<unsigned>(dnnl::cpu_isa::avx512_core);
+  if ((isa & avx512) != avx512) {
+    std::printf("dnnl bf16 product: oneDNN has no bf16 matmul on this CPU (no AVX-512): the call must throw\n");
+    CHECK_THROWS(dora::dnnl_backend::product(Xfull.data(), M, K, ldx, W.data(), N, ldw, Y.data(), N));
+    CHECK_FALSE(dora::dnnl_backend::has_bf16_units());
+    return;
+  }
   dora::dnnl_backend::product(Xfull.data(), M, K, ldx, W.data(), N, ldw, Y.data(), N);
   const double r_rounded = worst_ratio(Y, Xr * Wd.transpose(), Xr.cwiseAbs() * Wd.cwiseAbs().transpose(), gamma);
   const double r_float =
