@@ -133,7 +133,8 @@ TEST_CASE("broadcast_parameters from any root: every rank ends with that rank's 
     dp.broadcast_parameters(root);
     double err = 0, i = 0;
     for (dora::Parameter<double>& p : concat(a, b))
-      for (Eigen::Index j = 0; j < p.value.size(); ++j) err = std::max(err, std::abs(p.value[j] - (1000.0 * root + i++)));
+      for (Eigen::Index j = 0; j < p.value.size(); ++j)
+        err = std::max(err, std::abs(p.value[j] - (1000.0 * root + i++)));
     std::printf("broadcast_parameters from root %d of %d on rank %d: max difference from the root's values %.3g\n",
                 root, k, r, err);
     CHECK(err == 0.0);

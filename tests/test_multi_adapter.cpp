@@ -8,10 +8,10 @@
 //   single-adapter layers, unmerge, the registry's errors. (No allocation in steady state:
 //   test_contract.cpp, which builds with EIGEN_RUNTIME_NO_MALLOC.)
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <dora/io/io.hpp>
 #include <dora/multi_adapter.hpp>
-#include <algorithm>
 #include <functional>
 #include <memory>
 #include <string>

@@ -6,9 +6,9 @@
 #include <array>
 #include <catch2/catch.hpp>
 #include <cmath>
-#include <limits>
 #include <dora/io/safetensors.hpp>
 #include <dora/optim.hpp>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -146,8 +146,8 @@ std::vector<double> torch_warmup_cosine(long warmup, long total, double eta_min)
     if (next < warmup) {
       const long e = next;  // LinearLR's last_epoch
       if (e <= total_iters)
-        current *= 1.0 + (end - start) / (static_cast<double>(total_iters) * start +
-                                          static_cast<double>(e - 1) * (end - start));
+        current *= 1.0 + (end - start) /
+                             (static_cast<double>(total_iters) * start + static_cast<double>(e - 1) * (end - start));
     } else if (next == warmup) {
       current = eta_min + (1.0 - eta_min) * (1.0 + std::cos(pi * 0.0 / static_cast<double>(T))) / 2.0;
     } else {

@@ -574,8 +574,8 @@ TEMPLATE_TEST_CASE("Stored products split unevenly over 2 and 3 threads equal th
   struct Shape {
     Eigen::Index d_out, d_in;
   };
-  const std::vector<Shape> shapes{{4097, block == 1 ? 97 : 96}, {32001, block == 1 ? 33 : 32},
-                                  {37, block == 1 ? 8001 : 8000}};
+  const std::vector<Shape> shapes{
+      {4097, block == 1 ? 97 : 96}, {32001, block == 1 ? 33 : 32}, {37, block == 1 ? 8001 : 8000}};
 #ifdef _OPENMP
   const int saved = omp_get_max_threads();
   const std::vector<int> thread_counts{2, 3};  // one thread: every other stored-weight test
