@@ -453,6 +453,27 @@ TEST_CASE("Stacked adapters with dropout follow PEFT's rule, written out densely
   CHECK(e <= 1e-14);
 }
 
+namespace {
+
+// A MultiLinear with a DoRA adapter "d" (m scaled by 1.3, so that g != 1) and a LoRA adapter "l", and
+// the single-adapter layers each of its rows must equal (in evaluation mode).
+struct MixedLinear {
+  dora::MultiLinear<double> layer;
+  dora::DoraLinear<double> d;
+  dora::LoraLinear<double> l;
+  MixedLinear(const Mat<double>& W, const Vec<double>& b, const dora::AdapterConfig& c, const Mat<double>& A1,
+              const Mat<double>& B1, const Mat<double>& A2, const Mat<double>& B2)
+      : layer(dora::borrow(W, b)), d(dora::borrow(W, b), c, A1, B1), l(dora::borrow(W, b), c, A2, B2) {
+    layer.add("d", dora::AdapterKind::dora, c, A1, B1).m.array() *= 1.3;
+    layer.add("l", dora::AdapterKind::lora, c, A2, B2);
+    d.set_magnitude(layer.adapter("d").m);
+    d.eval();
+    l.eval();
+  }
+};
+
+}  // namespace
+
 TEST_CASE("A mixed batch with DoRA rows: each row is its adapter's own layer", "[multi]") {
   dora::AdapterConfig c;
   c.rank = 3;
@@ -461,15 +482,11 @@ TEST_CASE("A mixed batch with DoRA rows: each row is its adapter's own layer", "
   SECTION("Linear") {
     const Mat<double> W = random_matrix<double>(7, 9, 1), x = random_matrix<double>(5, 9, 2);
     const Vec<double> b = random_vector<double>(7, 3);
-    dora::MultiLinear<double> layer(dora::borrow(W, b));
-    const Mat<double> A1 = random_matrix<double>(3, 9, 4), B1 = random_matrix<double>(7, 3, 5);
-    const Mat<double> A2 = random_matrix<double>(3, 9, 6), B2 = random_matrix<double>(7, 3, 7);
-    layer.add("d", dora::AdapterKind::dora, c, A1, B1).m.array() *= 1.3;
-    layer.add("l", dora::AdapterKind::lora, c, A2, B2);
-    dora::DoraLinear<double> d(dora::borrow(W, b), c, A1, B1);
-    d.set_magnitude(layer.adapter("d").m);
-    d.eval();
-    dora::LoraLinear<double> l(dora::borrow(W, b), c, A2, B2);
+    MixedLinear m(W, b, c, random_matrix<double>(3, 9, 4), random_matrix<double>(7, 3, 5),
+                  random_matrix<double>(3, 9, 6), random_matrix<double>(7, 3, 7));
+    dora::MultiLinear<double>& layer = m.layer;
+    dora::DoraLinear<double>& d = m.d;
+    dora::LoraLinear<double>& l = m.l;
     CHECK_THROWS_WITH(layer.infer_mixed(x, rows), Catch::Contains("prepare_inference"));
     layer.prepare_inference();
     const Mat<double> y = layer.infer_mixed(x, rows);
@@ -721,23 +738,18 @@ TEST_CASE("merge_checkpoint stacks adapters on a transposed (embedding) weight a
 
 TEST_CASE("A mixed batch where adapters own more than one task's rows equals the per-adapter layers",
           "[multi][threads]") {
-  // infer_mixed cuts each adapter's rows into tasks of 64: 150 rows of one adapter (64 + 64 + 22),
-  // 70 of another (64 + 6), 9 of the base, interleaved, on 1 and 2 threads.
+  // infer_mixed cuts each adapter's rows into tasks of 64: 153 rows of one adapter (64 + 64 + 25),
+  // 70 of another (64 + 6), 6 of the base, interleaved, on 1 and 2 threads.
   dora::AdapterConfig c;
   c.rank = 3;
   c.alpha = 6;
   const Mat<double> W = random_matrix<double>(11, 13, 1);
   const Vec<double> b = random_vector<double>(11, 2);
-  dora::MultiLinear<double> layer(dora::borrow(W, b));
-  const Mat<double> A1 = random_matrix<double>(3, 13, 4), B1 = random_matrix<double>(11, 3, 5);
-  const Mat<double> A2 = random_matrix<double>(3, 13, 6), B2 = random_matrix<double>(11, 3, 7);
-  layer.add("d", dora::AdapterKind::dora, c, A1, B1).m.array() *= 1.3;
-  layer.add("l", dora::AdapterKind::lora, c, A2, B2);
-  dora::DoraLinear<double> d(dora::borrow(W, b), c, A1, B1);
-  d.set_magnitude(layer.adapter("d").m);
-  d.eval();
-  dora::LoraLinear<double> l(dora::borrow(W, b), c, A2, B2);
-  l.eval();
+  MixedLinear m(W, b, c, random_matrix<double>(3, 13, 4), random_matrix<double>(11, 3, 5),
+                random_matrix<double>(3, 13, 6), random_matrix<double>(11, 3, 7));
+  dora::MultiLinear<double>& layer = m.layer;
+  dora::DoraLinear<double>& d = m.d;
+  dora::LoraLinear<double>& l = m.l;
   std::vector<std::string> rows;
   for (int t = 0; t < 229; ++t) rows.push_back(t % 3 == 1 && t < 210 ? "l" : t % 25 == 24 ? "" : "d");
   const Eigen::Index n_d = std::count(rows.begin(), rows.end(), "d"), n_l = std::count(rows.begin(), rows.end(), "l");
