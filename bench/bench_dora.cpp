@@ -224,7 +224,7 @@ void spread(benchmark::internal::Benchmark* b) {
       },
       benchmark::StatisticUnit::kPercentage);  // printed as a percentage: 126% = max 1.26 x min
 }
-// Steps at n = 32 and 512 (issue 11's shapes) and a small layer.
+// Steps at n = 32 and 512 (the shapes of bench/README.md's "Threads" table) and a small layer.
 void shapes(benchmark::internal::Benchmark* b) {
   b->Args({4096, 4096, 16, 512})->Args({11008, 4096, 64, 512})->Args({4096, 4096, 16, 32});
   b->Args({11008, 4096, 64, 32})->Args({1024, 1024, 8, 256});
@@ -236,7 +236,7 @@ void forward_shapes(benchmark::internal::Benchmark* b) {
   shapes(b);
   b->Args({4096, 4096, 16, 1})->Args({11008, 4096, 64, 1});
 }
-// Stored bases (issue 12's shapes): steps at n = 512, evaluation also at n = 1.
+// Stored bases (bench/README.md's "Narrow frozen weights" shapes): steps at n = 512, evaluation also at n = 1.
 void stored_shapes(benchmark::internal::Benchmark* b) {
   b->Args({4096, 4096, 16, 512})->Args({11008, 4096, 64, 512});
   b->Unit(benchmark::kMillisecond)->UseRealTime();

@@ -1,4 +1,4 @@
-// Several adapters on one frozen layer (dora/multi_adapter.hpp, issue 13), fp32.
+// Several adapters on one frozen layer (dora/multi_adapter.hpp), fp32.
 //
 // Mixed batch (serving): n rows, each naming one of k DoRA adapters (round robin), one
 // MultiLinear::infer_mixed. Its parts, measured alone in the same run:
@@ -7,7 +7,7 @@
 //                      (u = x_k A^T, h_k += s u B^T): what the adapters cost at the least;
 //   BM_Mixed/k:        infer_mixed: the frozen product once, the rows grouped by adapter, the
 //                      low-rank products, each row's DoRA scale, the bias.
-// Target (issue 13): Mixed <= (MixedFrozen + MixedLowRank) * 1.10.
+// Target: Mixed <= (MixedFrozen + MixedLowRank) * 1.10.
 //
 // Training with stacked adapters: BM_StackedStep/<k> = forward + backward (dx and every adapter's
 // gradients, PEFT's detached norm) of MultiLinear with k DoRA adapters active at once;

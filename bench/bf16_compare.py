@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""bf16 training step: this project's oneDNN path against torch and PEFT in bf16, interleaved (issue 15).
+"""bf16 training step: this project's oneDNN path against torch and PEFT in bf16, interleaved.
 
 One step = forward + backward of one adapted linear layer with x's gradient; W frozen. torch side
 (CPU, bf16 weights and activations): the frozen nn.Linear alone, PEFT 0.21 LoRA and DoRA

@@ -1,4 +1,4 @@
-// The bf16 training step (issue 15), driven line by line from stdin so that a caller (bench/
+// The bf16 training step, driven line by line from stdin so that a caller (bench/
 // bf16_compare.py) can interleave it with torch in one run:
 //   bf16_step <d_out> <d_in> <r> <n>
 // W is stored as bf16 (borrowed); activations and adapter are fp32. Every line "step" on stdin runs

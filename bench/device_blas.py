@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-# Issue 11: the step and the evaluation forward on each backend (bench/run_device_blas.sh builds the
-# drivers), interleaved (every backend once per round, minimum over rounds of the per-run medians),
+# Which backend wins where: the step and the evaluation forward on each backend (bench/run_device_blas.sh
+# builds the drivers), interleaved (every backend once per round, minimum over rounds of the per-run medians),
 # with torch's frozen nn.Linear (MKL) in the same rounds as the limit.
 import json, os, subprocess, sys
 sys.path.insert(0, "bench")
@@ -38,7 +38,7 @@ for t in [16, 1]:
                         row[key] = min(row.get(key, 1e30), v)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            with open(os.path.join(out, "blas_issue11.json"), "w") as f:
+            with open(os.path.join(out, "blas.json"), "w") as f:
                 json.dump(rows, f)
 
 names = [b[0] for b in BACKENDS]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-# Issue 12: see run_device_storage.sh. Prints a markdown table of ms and ratios to the f32 base.
+# Narrow frozen weights: see run_device_storage.sh. Prints a markdown table of ms and ratios to the f32 base.
 import json, os, subprocess, sys
 
 import argparse
@@ -47,7 +47,7 @@ for t in ([] if args.no_memory else [1, 16]):
             kv["threads"] = t
             mem.append(kv)
             print(json.dumps(kv), flush=True)
-with open(os.path.join(out, "storage_issue12%s.json" % args.tag), "w") as f:
+with open(os.path.join(out, "storage%s.json" % args.tag), "w") as f:
     json.dump({"steps": rows, "memory": mem}, f)
 
 print("\n| shape | thr | method | " + " | ".join(DTYPES) + " | " + " | ".join(f"{d}/f32" for d in DTYPES[1:]) + " |")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-# Issue 11 device run: old (9c78647, before the threads work) vs new step_driver, interleaved in 2
+# The threads device run: old (9c78647, before the threads work) vs new step_driver, interleaved in 2
 # rounds (min of the per-round medians), with torch's frozen nn.Linear and PEFT's DoRA step in the
 # same run, at 16 and 1 threads; then evaluation forwards at n = 1 and 32.
 import json, os, subprocess, sys, statistics

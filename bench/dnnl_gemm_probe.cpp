@@ -1,4 +1,4 @@
-// Issue 15 probe 2: for the products of a bf16 training step, which oneDNN entry point is fastest.
+// bf16 backend, probe 2: for the products of a bf16 training step, which oneDNN entry point is fastest.
 //  - the frozen products (bf16 W in place, the matmul primitive; oneDNN 2.6 has no bf16 BLAS-like
 //    gemm), Y = X W^T and dX = G W, with n rows and with DoRA's 2r more;
 //  - LoRA's float rank-r products (x A^T, u B^T, G B, du^T x, G^T u, du A): Eigen vs dnnl_sgemm.

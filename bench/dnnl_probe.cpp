@@ -1,4 +1,4 @@
-// Issue 15 probe: oneDNN matmul bf16 x bf16 -> f32 (and f32), y = x W^T with W (out x in) row-major
+// bf16 backend probe: oneDNN matmul bf16 x bf16 -> f32 (and f32), y = x W^T with W (out x in) row-major
 // used in place (weights desc K x N, strides {1, K}); the same with W prepacked once; the adjoint G W.
 // Which ISA oneDNN dispatches to: ONEDNN_VERBOSE=1. Times against Eigen float. Usage: dnnl_probe M K N
 #include <Eigen/Dense>

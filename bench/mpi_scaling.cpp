@@ -1,4 +1,4 @@
-// Data-parallel scaling (issue 14): one training step of a stack of DoRA layers (forward, backward,
+// Data-parallel scaling: one training step of a stack of DoRA layers (forward, backward,
 // the fused gradient allreduce, AdamW) on K ranks x T threads, a fixed global batch split over the
 // ranks. Run under mpirun; rank 0 prints one JSON line per configuration:
 //   {"ranks":K,"threads":T,"step_ms":median,"wait_ms":median,"allreduce_ms":median,...}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15 on the device host (torch + peft, no Eigen, no oneDNN): from a checkout whose .device-carry/
+# The bf16 backend on the device host (torch + peft, no Eigen, no oneDNN): from a checkout whose .device-carry/
 # holds Eigen's headers (Eigen/) and Debian 12's oneDNN 2.6 (dnnl.tar.xz, from bench/make_dnnl_carry.sh).
 #  1. tests/data/bf16 made by real PEFT (tools/make_bf16_reference.py);
 #  2. which kernel oneDNN runs (DNNL_VERBOSE: the ISA of the matmul it picks);

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Which backend wins where (issue 11): the same step_driver built three ways, on the accelerator
+# Which backend wins where: the same step_driver built three ways, on the accelerator
 # machine's 16-core Xeon, with torch's frozen nn.Linear in the same run:
 #   eigen     the default build: Eigen's kernels, the layer's own split of W over OpenMP threads;
 #   openblas  -DEIGEN_USE_BLAS against Debian 12's OpenBLAS 0.3.21 (OpenMP build), which threads
@@ -24,4 +24,4 @@ export LD_LIBRARY_PATH=/tmp/blas
  OPENBLAS_CORETYPE=SkylakeX OPENBLAS_VERBOSE=2 OMP_NUM_THREADS=1 /tmp/sd_openblas 256 256 8 64 1 base 2>&1 | grep -i core || true
  BLIS_ARCH_DEBUG=1 OMP_NUM_THREADS=1 /tmp/sd_blis 256 256 8 64 1 base 2>&1 | grep -i config || true) \
   | tee "$out/blas_detect.txt"
-CUDA_VISIBLE_DEVICES="" PYTHONUNBUFFERED=1 python3 bench/device_blas.py "$out" | tee "$out/blas_issue11.txt"
+CUDA_VISIBLE_DEVICES="" PYTHONUNBUFFERED=1 python3 bench/device_blas.py "$out" | tee "$out/blas.txt"

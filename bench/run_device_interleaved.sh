@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The target ratios of issue 3, measured with Google Benchmark's random interleaving: repetitions of
+# bench/README.md's target ratios, measured with Google Benchmark's random interleaving: repetitions of
 # all benchmarks are shuffled together, so a slow minute of a shared machine hits every method alike
 # (run-in-order medians on a shared host drifted by up to 35% between benchmarks of identical work).
 # Same carry setup as bench/run_device.sh. Writes to ${OUT:-bench-out}/.

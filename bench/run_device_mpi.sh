@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's scaling table (bench/mpi_scaling.cpp): K = 1, 2, 4, 8 ranks x 16 / K threads on the
+# The MPI scaling table (bench/mpi_scaling.cpp): K = 1, 2, 4, 8 ranks x 16 / K threads on the
 # device's 16 cores, a stack of 4096-wide DoRA layers (r = 16), a global batch of 512 rows split over
 # the ranks. The device has no MPI: .device-carry/mpi.tar.xz holds Debian 12's Open MPI 4.1.4 runtime
 # (orterun, its libraries and plugins, mpi.h; made by bench/make_mpi_carry.sh), relocated with

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13's benchmarks (bench/bench_multi.cpp): the mixed batch against its parts, and training
+# The several-adapter benchmarks (bench/bench_multi.cpp): the mixed batch against its parts, and training
 # with stacked adapters, with Google Benchmark's random interleaving (every method sees the same
 # slow minutes of a shared host), 1 and 16 threads. Same carry setup as bench/run_device.sh.
 # Writes to ${OUT:-bench-out}/.

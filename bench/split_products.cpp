@@ -1,4 +1,4 @@
-// Device experiment (issue 11, bench/run_device_threads.sh): Eigen's threaded GEMM vs the layer's own split of W, and
+// Device experiment (bench/run_device_threads.sh): Eigen's threaded GEMM vs the layer's own split of W, and
 // serial vs parallel element-wise passes. Median of 7 after a warm-up, ms.
 #include <omp.h>
 

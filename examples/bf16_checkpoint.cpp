@@ -1,4 +1,4 @@
-// DoRA on a bf16 checkpoint without converting W (issue 12): memory-map a safetensors file, borrow
+// DoRA on a bf16 checkpoint without converting W: memory-map a safetensors file, borrow
 // one bf16 weight straight from the mapping, attach DoRA, train a few steps, save the adapter as a
 // PEFT directory, and print the process's memory next to the bytes of W.
 //

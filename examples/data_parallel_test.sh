@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ctest's example_data_parallel: the acceptance of issue 14's MPI part.
+# ctest's example_data_parallel: the acceptance test of data-parallel training over MPI.
 #  1. 2 ranks reproduce 1 rank (the same global batch of 64, 100 steps) to <= 1e-5 relative, in both
 #     the final loss and the sum of every trainable parameter;
 #  2. 2 ranks resumed from the checkpoint that 1 rank wrote at step 50 finish like the uninterrupted run.

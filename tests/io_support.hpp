@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <dora/base_layer.hpp>
 #include <dora/io/safetensors.hpp>
 #include <fstream>
 #include <iterator>

@@ -1,4 +1,4 @@
-// dora::dnnl's bf16 compute (issue 15) against float64, within bounds derived from where bf16
+// dora::dnnl's bf16 compute against float64, within bounds derived from where bf16
 // rounding enters (docs/bf16.md). Built where oneDNN is found (target dora::dnnl); on a CPU without
 // bf16 units the backend is off, the float path runs, and the output says so (the bounds then hold
 // with room to spare).

@@ -1,4 +1,4 @@
-// Several adapters on one frozen layer (dora/multi_adapter.hpp, issue 13):
+// Several adapters on one frozen layer (dora/multi_adapter.hpp):
 // - against PEFT 0.21 (tests/data/multi: Linear, tools/make_multi_adapter_reference.py;
 //   tests/data/multi_layers: Conv and Embedding, tools/make_multi_layer_reference.py): the stacked
 //   forward, PEFT's detached gradients, the exact gradients (an independent float64 autograd of the

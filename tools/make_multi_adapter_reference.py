@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference data for several adapters on one nn.Linear (issue 13), made with real PEFT.
+"""Reference data for several adapters on one nn.Linear, made with real PEFT.
 
 Each case builds a module with one base ``nn.Linear`` named ``layer`` and adds k named adapters to it
 with ``get_peft_model`` / ``add_adapter`` (LoRA or DoRA each, own r, alpha, rsLoRA), every one created

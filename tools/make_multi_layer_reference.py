@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reference data for several adapters on a Conv / Embedding layer, and for merging several saved adapters
-into a checkpoint (issue 13), made with real PEFT 0.21.
+into a checkpoint, made with real PEFT 0.21.
 
 Layer cases (``<out>/<name>.safetensors`` + ``<out>/<name>.json``), the conventions of
 tools/make_layer_reference.py (PEFT's layouts) and of tools/make_multi_adapter_reference.py (several named

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference data for dora's optimizers (issue 14): torch.optim on a fixed gradient sequence.
+"""Reference data for dora's optimizers: torch.optim on a fixed gradient sequence.
 
 Each case has three parameter tensors, shaped like one DoRA adapter's (A 4 x 6, B 5 x 4, m 5), in
 three parameter groups as a DoRA trainer sets them up: A (lr, weight decay), B (lr x 4, as LoRA+,

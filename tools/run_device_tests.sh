@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The test suite on another machine, built with -march=native (DORA_NATIVE): how issue 9's
-# AVX-512 check was run on the accelerator machine's Xeon (g++ 13), which has CMake and a compiler
-# but not Eigen, Catch2 or nlohmann-json. Their headers and CMake package files are carried from
+# The test suite on another machine, built with -march=native (DORA_NATIVE): how the AVX-512 check
+# after the first landing was run on the accelerator machine's Xeon (g++ 13), which has CMake and a
+# compiler but not Eigen, Catch2 or nlohmann-json. Their headers and CMake package files are carried from
 # Debian 12's packages in .device-carry/prefix/usr (include/{eigen3,catch2,nlohmann}, lib/libCatch2WithMain.a,
 # lib/cmake/Catch2, share/cmake/nlohmann_json, share/eigen3/cmake). Writes ${OUT:-test-out}/tests.txt.
 set -euo pipefail

@@ -36,7 +36,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagn
     DoraMerge<Scalar> out;
     this->merge_scales(out);
     out.weight = weight_dense<Scalar>(this->base_.weight);
-    out.weight.noalias() += this->scaling_ * this->B_ * this->A_;
+    gemm(this->B_, false, this->A_, false, out.weight, this->scaling_, Scalar(1));
     out.weight = out.scale.asDiagonal() * out.weight;
     return out;
   }
@@ -58,7 +58,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagn
       else
         W.row(i).setZero();
     }
-    W.noalias() -= this->scaling_ * this->B_ * this->A_;
+    gemm(this->B_, false, this->A_, false, W, -this->scaling_, Scalar(1));
     return W;
   }
 
@@ -104,7 +104,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagn
     // With threads, oneDNN 2.6 spreads a product of N + 2r rows unevenly over them: interleaved on
     // the 16-core Xeon, 512 x 4096 x 4096 took 5.45 ms, 544 rows 8.50, 512 rows then 32 rows 6.31
     // (11008 x 4096, 640 rows: 20.3 stacked, 20.6 apart; one thread: stacked 3-6% faster;
-    // bench/results/device/dnnl_gemm_probe_issue15.txt). With threads the two parts of A therefore
+    // bench/results/device/2026-12-01-dnnl-gemm-probe.txt). With threads the two parts of A therefore
     // go in their own product.
     separate_ = parts_ == 2 && product_threads(W.rows() * W.cols(), W.rows()) > 1;
     // The buffers always have the rows below the batch, used or not, so that switching between
@@ -153,7 +153,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagn
     const Index N = x.rows();
     const VectorType& g = this->g_;
     u.resize(N, this->rank());
-    u.noalias() = x * this->A_.transpose();
+    gemm(x, false, this->A_, true, u);
     this->base_product(x, y);
     this->add_up_product(u, y);
     const bool bias = this->base_.has_bias();
@@ -223,7 +223,7 @@ class DenseDora : public DenseAdapter<Derived, Scalar, Storage>, public DoraMagn
         this->base_adjoint(G, *dx);
         h() -= G;
         this->base_adjoint(h(), this->xd());
-        this->xd().noalias() += this->du_ * this->A_;
+        gemm(this->du_, false, this->A_, false, this->xd(), Scalar(1), Scalar(1));
         *dx += this->xd().cwiseProduct(this->mask_);
       }
     }

@@ -191,7 +191,7 @@ class EmbeddingAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const TokenI
       typename Out::RowXpr row = y.row(t);
       weight_row(base_.weight, static_cast<Index>(ids[t]), row);
     }
-    y.noalias() += this->scaling_ * u * this->B_.transpose();
+    gemm(u, false, this->B_, true, y, this->scaling_, Scalar(1));
   }
 
   void save_ids(const Eigen::Ref<const TokenIds>& ids) {
@@ -203,9 +203,9 @@ class EmbeddingAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const TokenI
   /// dB += s Gs^T u, du = s Gs B, and the scatter-add dA[:, i_t] += du_t (not into padding_idx).
   template <typename DG>
   void accumulate_factors(const Eigen::MatrixBase<DG>& Gs) {
-    this->grad_B_.noalias() += this->scaling_ * Gs.transpose() * u_;
+    gemm(Gs, true, u_, false, this->grad_B_, this->scaling_, Scalar(1));
     du_.resize(this->batch_, this->rank());
-    du_.noalias() = this->scaling_ * Gs * this->B_;
+    gemm(Gs, false, this->B_, false, du_, this->scaling_);
     for (Index t = 0; t < this->batch_; ++t) {
       const Index id = static_cast<Index>(ids_[t]);
       if (id != base_.padding_idx) this->grad_A_.col(id) += du_.row(t).transpose();
@@ -255,7 +255,7 @@ class LoraEmbedding : public detail::EmbeddingAdapter<LoraEmbedding<Scalar, Stor
   /// W' = W + s (B A)^T (PEFT merge), num_embeddings x embedding_dim.
   MatrixType merged_weight() const {
     MatrixType merged = detail::weight_dense<Scalar>(this->base_.weight);
-    merged.noalias() += this->scaling_ * (this->B_ * this->A_).transpose();
+    detail::gemm(this->A_, true, this->B_, true, merged, this->scaling_, Scalar(1));
     return merged;
   }
   /// W = W' - s (B A)^T (PEFT unmerge).
@@ -264,7 +264,7 @@ class LoraEmbedding : public detail::EmbeddingAdapter<LoraEmbedding<Scalar, Stor
                    "merged table must be num_embeddings x embedding_dim = ", this->num_embeddings(), " x ",
                    this->embedding_dim(), ", got ", merged.rows(), " x ", merged.cols());
     MatrixType W = merged;
-    W.noalias() -= this->scaling_ * (this->B_ * this->A_).transpose();
+    detail::gemm(this->A_, true, this->B_, true, W, -this->scaling_, Scalar(1));
     return W;
   }
 
@@ -330,7 +330,7 @@ class DoraEmbedding : public detail::EmbeddingAdapter<DoraEmbedding<Scalar, Stor
     DoraMerge<Scalar> out;
     this->merge_scales(out);
     out.weight = detail::weight_dense<Scalar>(this->base_.weight);
-    out.weight.noalias() += this->scaling_ * (this->B_ * this->A_).transpose();
+    detail::gemm(this->A_, true, this->B_, true, out.weight, this->scaling_, Scalar(1));
     out.weight = out.weight * out.scale.asDiagonal();
     return out;
   }
@@ -349,7 +349,7 @@ class DoraEmbedding : public detail::EmbeddingAdapter<DoraEmbedding<Scalar, Stor
       else
         W.col(j).setZero();
     }
-    W.noalias() -= this->scaling_ * (this->B_ * this->A_).transpose();
+    detail::gemm(this->A_, true, this->B_, true, W, -this->scaling_, Scalar(1));
     return W;
   }
 

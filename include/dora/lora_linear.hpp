@@ -22,7 +22,7 @@ class DenseLora : public DenseAdapter<Derived, Scalar, Storage> {
   MatrixType merged_weight() const {
     this->check_mergeable();
     MatrixType merged = weight_dense<Scalar>(this->base_.weight);
-    merged.noalias() += this->scaling_ * this->B_ * this->A_;
+    gemm(this->B_, false, this->A_, false, merged, this->scaling_, Scalar(1));
     return merged;
   }
   /// W = W' - s B A (PEFT unmerge), with the current A and B.
@@ -32,7 +32,7 @@ class DenseLora : public DenseAdapter<Derived, Scalar, Storage> {
                    "merged weight must be ", this->spec_.b_rows, " x ", this->spec_.a_cols, " = ", this->base_.d_out(),
                    " x ", this->base_.d_in(), ", got ", merged.rows(), " x ", merged.cols());
     MatrixType W = merged;
-    W.noalias() -= this->scaling_ * this->B_ * this->A_;
+    gemm(this->B_, false, this->A_, false, W, -this->scaling_, Scalar(1));
     return W;
   }
 
@@ -56,7 +56,7 @@ class DenseLora : public DenseAdapter<Derived, Scalar, Storage> {
 
   void infer_lowered(const Eigen::Ref<const MatrixType>& x, Eigen::Ref<MatrixType> y, MatrixType& u) const {
     u.resize(x.rows(), this->rank());
-    u.noalias() = x * this->A_.transpose();
+    gemm(x, false, this->A_, true, u);
     this->base_product(x, y);
     this->add_up_product(u, y);
     this->add_bias(y);
@@ -70,7 +70,7 @@ class DenseLora : public DenseAdapter<Derived, Scalar, Storage> {
       this->base_adjoint(G, *dx);
       if (this->dropout_applied_) {
         // dxd = du A reaches x through the mask; xd is no longer needed, so it holds dxd.
-        this->xd().noalias() = this->du_ * this->A_;
+        gemm(this->du_, false, this->A_, false, this->xd());
         *dx += this->xd().cwiseProduct(this->mask_);
       } else {
         rank_product(rounds_operands<Scalar>(this->base_.weight), this->du_, false, this->A_, false, Scalar(1),

@@ -318,7 +318,7 @@ class MultiAdapter {
     MatrixType W = weight_dense<Scalar>(lowered());
     for (const Index k : active_) {
       const Slot& s = slots_[static_cast<std::size_t>(k)];
-      W.noalias() += s.a.scaling * s.a.B * s.a.A;
+      gemm(s.a.B, false, s.a.A, false, W, s.a.scaling, Scalar(1));
       VectorType scale;
       if (s.a.is_dora()) {
         FactoredRowNorm<Scalar> work;
@@ -364,7 +364,7 @@ class MultiAdapter {
             W.row(j).setZero();
         }
       }
-      W.noalias() -= a.scaling * a.B * a.A;
+      gemm(a.B, false, a.A, false, W, -a.scaling, Scalar(1));
     }
     if constexpr (Embedding) return W.transpose();
     return W;
@@ -556,18 +556,18 @@ class MultiAdapter {
       st.u.resize(N, a.config.rank);
       low_rank_in(X, st, a.A, st.u);
       if (!a.is_dora()) {
-        R.noalias() += a.scaling * st.u * a.B.transpose();
+        gemm(st.u, false, a.B, true, R, a.scaling, Scalar(1));
         continue;
       }
       st.H.resize(N, d_out());
       if (st.dropout) {
         // R += (g - 1) x_d W^T + g s L(x_d) = g H - x_d W^T, H = x_d W^T + s L(x_d).
         compose_rows(N, [&](Index t) { st.H.row(t) = P_.row(st.xrow + t); });
-        st.H.noalias() += a.scaling * st.u * a.B.transpose();
+        gemm(st.u, false, a.B, true, st.H, a.scaling, Scalar(1));
         compose_rows(N, [&](Index t) { R.row(t) += st.H.row(t).cwiseProduct(s.g.transpose()) - P_.row(st.xrow + t); });
       } else {
         // H = R_{k-1} + s L (kept for backward), R_k = H g: one pass after the product.
-        R.noalias() += a.scaling * st.u * a.B.transpose();
+        gemm(st.u, false, a.B, true, R, a.scaling, Scalar(1));
         compose_rows(N, [&](Index t) {
           st.H.row(t) = R.row(t);
           R.row(t) = R.row(t).cwiseProduct(s.g.transpose());
@@ -633,8 +633,8 @@ class MultiAdapter {
           beta_n_ = -(s.g.array() * dm_.array()).matrix();
           norm_gradient_rows(a.scaling, a.B, s.norm.BK(), beta_n_, s.n_div, Qt_, a.grad_B);
           GS_.middleRows(st.qrow, a.config.rank) = Qt_;
-          Kb_.noalias() = Qt_ * a.B;
-          a.grad_A.noalias() += a.scaling * Kb_ * a.A;
+          gemm(Qt_, false, a.B, false, Kb_);
+          gemm(Kb_, false, a.A, false, a.grad_A, a.scaling, Scalar(1));
         }
         if (split) {
           // R_{k-1} passes G on unchanged; the branch gets G g and the dropped base part x_d W^T
@@ -650,9 +650,9 @@ class MultiAdapter {
       }
       const Eigen::Ref<const MatrixType> Gs =
           split ? Eigen::Ref<const MatrixType>(Gs_) : Eigen::Ref<const MatrixType>(G);
-      a.grad_B.noalias() += a.scaling * Gs.transpose() * st.u;
+      gemm(Gs, true, st.u, false, a.grad_B, a.scaling, Scalar(1));
       st.du.resize(N, a.config.rank);
-      st.du.noalias() = a.scaling * Gs * a.B;
+      gemm(Gs, false, a.B, false, st.du, a.scaling);
       low_rank_grad(X, st, st.du, a.grad_A);
     }
     // The one adjoint pass: straight into dx when it is all there is.
@@ -673,12 +673,12 @@ class MultiAdapter {
       if (st.qrow >= 0) a.grad_A += DS_.middleRows(st.qrow, a.config.rank);
       if (!want_dx) continue;
       if (!st.dropout) {
-        dX->noalias() += st.du * a.A;
+        gemm(st.du, false, a.A, false, *dX, Scalar(1), Scalar(1));
         continue;
       }
       // dx += mask . (du A + dP_d W) for an adapter that saw the dropped input.
       st.dxd.resize(N, d_in());
-      st.dxd.noalias() = st.du * a.A;
+      gemm(st.du, false, a.A, false, st.dxd);
       if (a.is_dora()) st.dxd += DS_.middleRows(st.xd_adj, N);
       Eigen::Ref<MatrixType>& dx = *dX;
       parallel_rows(N, d_in(), [&](Index b, Index e) {
@@ -709,9 +709,9 @@ class MultiAdapter {
     } else {
       (void)X;
       if (st.dropout)
-        u.noalias() = XS_.middleRows(st.xrow, u.rows()) * A.transpose();
+        gemm(XS_.middleRows(st.xrow, u.rows()), false, A, true, u);
       else
-        u.noalias() = XS_.topRows(u.rows()) * A.transpose();
+        gemm(XS_.topRows(u.rows()), false, A, true, u);
     }
   }
   // dA += du^T x_k (embedding: the scatter-add, none into padding_idx).
@@ -727,9 +727,9 @@ class MultiAdapter {
     } else {
       const Index N = du.rows();
       if (st.dropout)
-        grad_A.noalias() += du.transpose() * XS_.middleRows(st.xrow, N);
+        gemm(du, true, XS_.middleRows(st.xrow, N), false, grad_A, Scalar(1), Scalar(1));
       else
-        grad_A.noalias() += du.transpose() * XS_.topRows(N);
+        gemm(du, true, XS_.topRows(N), false, grad_A, Scalar(1), Scalar(1));
     }
   }
   // Rows of the batch, spread over threads when large.
@@ -851,11 +851,11 @@ class MultiAdapter {
       } else {
         typename MatrixType::RowsBlockXpr xk = buf.xk.topRows(n);
         for (Index i = 0; i < n; ++i) xk.row(i) = X.row(rows_k[i]);
-        u.noalias() = xk * a.A.transpose();
+        gemm(xk, false, a.A, true, u);
       }
       for (Index i = 0; i < n; ++i) h.row(i) = y.row(rows_k[i]);
       u *= a.scaling;  // scaled first: a scaled operand of a one-row product would be copied
-      h.noalias() += u * a.B.transpose();
+      gemm(u, false, a.B, true, h, Scalar(1), Scalar(1));
       for (Index i = 0; i < n; ++i) {
         if (a.is_dora())
           y.row(rows_k[i]) = h.row(i).cwiseProduct(s.g.transpose());

@@ -94,9 +94,9 @@ class FactoredRowNorm {
   Eigen::Index compute_with(const WeightMap& W, const Vector<Scalar>& w_sq, const Matrix<Scalar>& A,
                             const Matrix<Scalar>& B, Scalar s, const Eigen::MatrixBase<PTMatrix>& PT,
                             Vector<Scalar>& n) {
-    K_.noalias() = A * A.transpose();
+    gemm(A, false, A, true, K_);
     BK_.resize(B.rows(), B.cols());
-    BK_.noalias() = B * K_;
+    gemm(B, false, K_, false, BK_);
     const Scalar tiny = std::numeric_limits<Scalar>::min() / std::numeric_limits<Scalar>::epsilon();
     // Rows are independent: spread over threads; a row that needs the direct computation is marked
     // with -1 (no norm is negative) and done afterwards, one d_in-vector each.
@@ -114,7 +114,7 @@ class FactoredRowNorm {
     for (Eigen::Index i = 0; i < W.rows(); ++i) {
       if (!(n[i] < Scalar(0))) continue;
       detail::weight_row(W, i, v_);
-      v_.noalias() += s * B.row(i) * A;
+      gemm(B.row(i), false, A, false, v_, s, Scalar(1));
       n[i] = v_.stableNorm();  // scaled: no overflow/underflow in the squares; NaN propagates
       ++direct;
     }

@@ -92,7 +92,8 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
     } else {
       const Index o = this->B_.rows() / this->groups_, q = this->B_.cols();
       for (Index g = 0; g < this->groups_; ++g)
-        du_.middleCols(g * q, q).noalias() = this->scaling_ * Gs.middleCols(g * o, o) * this->B_.middleRows(g * o, o);
+        gemm(Gs.middleCols(g * o, o), false, this->B_.middleRows(g * o, o), false, du_.middleCols(g * q, q),
+             this->scaling_);
     }
     rank_product(rounds_operands<Scalar>(base_.weight), du_, true, xd(), false, Scalar(1), Scalar(1), this->grad_A_);
   }
@@ -107,7 +108,7 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
     const Index o = base_.d_out() / this->groups_, c = base_.d_in();
     for (Index g = 0; g < this->groups_; ++g) {
       if constexpr (BaseType::kNative)
-        Y.middleCols(g * o, o).noalias() = X.middleCols(g * c, c) * base_.weight.middleRows(g * o, o).transpose();
+        gemm(X.middleCols(g * c, c), false, base_.weight.middleRows(g * o, o), true, Y.middleCols(g * o, o));
       else
         split_product(X.middleCols(g * c, c), base_.weight.middle_rows(g * o, o), Y.middleCols(g * o, o));
     }
@@ -122,7 +123,7 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
     const Index o = base_.d_out() / this->groups_, c = base_.d_in();
     for (Index g = 0; g < this->groups_; ++g) {
       if constexpr (BaseType::kNative)
-        dX.middleCols(g * c, c).noalias() = G.middleCols(g * o, o) * base_.weight.middleRows(g * o, o);
+        gemm(G.middleCols(g * o, o), false, base_.weight.middleRows(g * o, o), false, dX.middleCols(g * c, c));
       else
         stored_adjoint(G.middleCols(g * o, o), base_.weight.middle_rows(g * o, o), dX.middleCols(g * c, c), false);
     }
@@ -153,8 +154,8 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
     }
     const Index o = this->B_.rows() / this->groups_, q = this->B_.cols();
     for (Index g = 0; g < this->groups_; ++g)
-      Y.middleCols(g * o, o).noalias() +=
-          this->scaling_ * u.middleCols(g * q, q) * this->B_.middleRows(g * o, o).transpose();
+      gemm(u.middleCols(g * q, q), false, this->B_.middleRows(g * o, o), true, Y.middleCols(g * o, o), this->scaling_,
+           Scalar(1));
   }
   /// dB += s Gs^T u (only B's blocks when grouped).
   template <typename DG>
@@ -166,8 +167,8 @@ class DenseAdapter : public Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Sca
     }
     const Index o = this->B_.rows() / this->groups_, q = this->B_.cols();
     for (Index g = 0; g < this->groups_; ++g)
-      this->grad_B_.middleRows(g * o, o).noalias() +=
-          this->scaling_ * Gs.middleCols(g * o, o).transpose() * u_.middleCols(g * q, q);
+      gemm(Gs.middleCols(g * o, o), true, u_.middleCols(g * q, q), false, this->grad_B_.middleRows(g * o, o),
+           this->scaling_, Scalar(1));
   }
 
   BaseType base_;

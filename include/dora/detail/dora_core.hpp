@@ -217,8 +217,8 @@ class DoraMagnitude {
     norm_gradient_rows(s, B, BK, beta_n_, n_div_, PT, grad_B);
     Eigen::Ref<MatrixType> grad_A = derived().grad_lora_A();
     if (add_weight_term) weight_adjoint_add(PT, self().lowered_weight(), grad_A);
-    Kb_.noalias() = PT * B;  // s (diag(beta) B)^T B
-    grad_A.noalias() += s * Kb_ * self().lora_A();
+    gemm(PT, false, B, false, Kb_);  // s (diag(beta) B)^T B
+    gemm(Kb_, false, self().lora_A(), false, grad_A, s, Scalar(1));
   }
 
   /// The exact gradient's norm terms for groups > 1, chunk by chunk, from the last
@@ -244,8 +244,8 @@ class DoraMagnitude {
       }
       typename Eigen::Ref<MatrixType>::ColsBlockXpr grad_Ac = grad_A.middleCols(c * cin, cin);
       weight_adjoint_add(Qc_, chunk_weight(c), grad_Ac);
-      Kb_.noalias() = Qc_ * Bp_;
-      grad_A.middleCols(c * cin, cin).noalias() += s * Kb_ * chunk.A;
+      gemm(Qc_, false, Bp_, false, Kb_);
+      gemm(Kb_, false, chunk.A, false, grad_A.middleCols(c * cin, cin), s, Scalar(1));
     }
   }
 

@@ -24,6 +24,7 @@
 #include <utility>
 
 #include "../base_layer.hpp"
+#include "gemm.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -75,15 +76,15 @@ template <typename DX, typename WeightMap, typename DY>
 void split_product(const Eigen::MatrixBase<DX>& X, const WeightMap& W, DY&& Y) {
   const int threads = blas_threads_itself() ? 1 : product_threads(W.rows() * W.cols(), W.rows());
   if (threads == 1) {
-    Y.noalias() = X * W.transpose();
+    gemm(X, false, W, true, Y);
     return;
   }
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int t = 0; t < threads; ++t) {
     const std::pair<Eigen::Index, Eigen::Index> part = split_range(W.rows(), threads, t);
     if (part.second > part.first)
-      Y.middleCols(part.first, part.second - part.first).noalias() =
-          X * W.middleRows(part.first, part.second - part.first).transpose();
+      gemm(X, false, W.middleRows(part.first, part.second - part.first), true,
+           Y.middleCols(part.first, part.second - part.first));
   }
 }
 
@@ -92,15 +93,15 @@ template <typename DG, typename WeightMap, typename DX>
 void split_adjoint_product(const Eigen::MatrixBase<DG>& G, const WeightMap& W, DX&& dX) {
   const int threads = blas_threads_itself() ? 1 : product_threads(W.rows() * W.cols(), W.cols());
   if (threads == 1) {
-    dX.noalias() = G * W;
+    gemm(G, false, W, false, dX);
     return;
   }
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int t = 0; t < threads; ++t) {
     const std::pair<Eigen::Index, Eigen::Index> part = split_range(W.cols(), threads, t);
     if (part.second > part.first)
-      dX.middleCols(part.first, part.second - part.first).noalias() =
-          G * W.middleCols(part.first, part.second - part.first);
+      gemm(G, false, W.middleCols(part.first, part.second - part.first), false,
+           dX.middleCols(part.first, part.second - part.first));
   }
 }
 
@@ -150,16 +151,20 @@ void frozen_product(const Eigen::MatrixBase<DX>& X, const WeightMap& W, DY&& Y) 
     for (int t = 0; t < threads; ++t) {
       const Index begin = std::min<Index>(d_out, static_cast<Index>(t) * per);
       const Index size = std::min<Index>(d_out, begin + per) - begin;
-      if (size > 0) Y.middleCols(begin, size).noalias() = X * W.middleRows(begin, size).transpose();
+      if (size > 0) gemm(X, false, W.middleRows(begin, size), true, Y.middleCols(begin, size));
     }
     return;
   }
   constexpr Index kBlock = 16;
   const Index blocks = (d_out + kBlock - 1) / kBlock;
+  // On views, so that every caller's operand types share one instantiation (gemm.hpp).
+  const ConstGemmView<typename DX::Scalar> x = gemm_view(X);
+  const ConstGemmView<typename DX::Scalar> w = gemm_view(W);
+  GemmView<typename DX::Scalar> y = gemm_out(std::forward<DY>(Y));
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (Index b = 0; b < blocks; ++b) {
     const Index begin = b * kBlock, size = std::min<Index>(kBlock, d_out - begin);
-    Y.middleCols(begin, size).noalias() = X.lazyProduct(W.middleRows(begin, size).transpose());
+    y.middleCols(begin, size).noalias() = x.lazyProduct(w.middleRows(begin, size).transpose());
   }
 }
 

@@ -122,7 +122,7 @@ bool rounds_operands(const Weight&) {
 /// products (x A^T, u B^T, G B, du^T x, G^T u, du A). Where the layer's frozen products run on
 /// oneDNN (use_dnnl: rounds_operands), these go to oneDNN's float sgemm, which on the 16-core Xeon
 /// took half of Eigen's time for them (4096 x 4096, r = 16, 16 threads: 0.72 ms against 1.90;
-/// bench/results/device/dnnl_gemm_probe_issue15.txt); they stay float either way. Elsewhere Eigen.
+/// bench/results/device/2026-12-01-dnnl-gemm-probe.txt); they stay float either way. Elsewhere Eigen.
 template <typename DA, typename DB, typename DC>
 void rank_product(bool use_dnnl, const Eigen::MatrixBase<DA>& A, bool ta, const Eigen::MatrixBase<DB>& B, bool tb,
                   typename DA::Scalar alpha, typename DA::Scalar beta, DC&& C) {
@@ -142,22 +142,7 @@ void rank_product(bool use_dnnl, const Eigen::MatrixBase<DA>& A, bool ta, const 
   }
 #endif
   (void)use_dnnl;
-  const auto product = [&](const auto& a, const auto& b) {
-    if (beta == typename DA::Scalar(0))
-      C.noalias() = alpha * a * b;
-    else {
-      if (beta != typename DA::Scalar(1)) C *= beta;
-      C.noalias() += alpha * a * b;
-    }
-  };
-  if (ta && tb)
-    product(A.transpose(), B.transpose());
-  else if (ta)
-    product(A.transpose(), B);
-  else if (tb)
-    product(A, B.transpose());
-  else
-    product(A, B);
+  gemm(A, ta, B, tb, std::forward<DC>(C), alpha, beta);
 }
 
 /// Y = X W^T (accumulate: Y += X W^T) for a stored W. precise: on the oneDNN backend, X keeps
@@ -178,10 +163,8 @@ void split_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>& 
   walk_tiles<typename DX::Scalar>(W, true,
                                   [&](Index r0, Index rows, Index c0, Index cols,
                                       const Eigen::Map<const Matrix<typename DX::Scalar>>& tile, bool first) {
-                                    if (first && !accumulate)
-                                      Y.middleCols(r0, rows).noalias() = X.middleCols(c0, cols) * tile.transpose();
-                                    else
-                                      Y.middleCols(r0, rows).noalias() += X.middleCols(c0, cols) * tile.transpose();
+                                    const typename DX::Scalar beta(first && !accumulate ? 0 : 1);
+                                    gemm(X.middleCols(c0, cols), false, tile, true, Y.middleCols(r0, rows), 1, beta);
                                   });
 }
 
@@ -226,10 +209,8 @@ void stored_adjoint(const Eigen::MatrixBase<DG>& G, const StoredWeight<Storage>&
   walk_tiles<typename DG::Scalar>(W, false,
                                   [&](Index r0, Index rows, Index c0, Index cols,
                                       const Eigen::Map<const Matrix<typename DG::Scalar>>& tile, bool first) {
-                                    if (first && !accumulate)
-                                      dX.middleCols(c0, cols).noalias() = G.middleCols(r0, rows) * tile;
-                                    else
-                                      dX.middleCols(c0, cols).noalias() += G.middleCols(r0, rows) * tile;
+                                    const typename DG::Scalar beta(first && !accumulate ? 0 : 1);
+                                    gemm(G.middleCols(r0, rows), false, tile, false, dX.middleCols(c0, cols), 1, beta);
                                   });
 }
 
@@ -244,7 +225,7 @@ void split_adjoint_product(const Eigen::MatrixBase<DG>& G, const StoredWeight<St
 /// Y = X W^T (P^T = A W^T for the norm).
 template <typename DX, typename WeightMap, typename DY>
 void weight_product(const Eigen::MatrixBase<DX>& X, const WeightMap& W, DY& Y) {
-  Y.noalias() = X * W.transpose();
+  gemm(X, false, W, true, Y);
 }
 template <typename DX, typename Storage, typename DY>
 void weight_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>& W, DY& Y) {
@@ -254,7 +235,7 @@ void weight_product(const Eigen::MatrixBase<DX>& X, const StoredWeight<Storage>&
 /// dX += G W (the exact gradient's term of dA).
 template <typename DG, typename WeightMap, typename DX>
 void weight_adjoint_add(const Eigen::MatrixBase<DG>& G, const WeightMap& W, DX& dX) {
-  dX.noalias() += G * W;
+  gemm(G, false, W, false, dX, 1, 1);
 }
 template <typename DG, typename Storage, typename DX>
 void weight_adjoint_add(const Eigen::MatrixBase<DG>& G, const StoredWeight<Storage>& W, DX& dX) {

@@ -2,7 +2,7 @@
 /// \file dnnl/bf16_matmul.hpp
 /// The frozen products on bf16 operands with float accumulation, through oneDNN's matmul primitive
 /// (Debian's libdnnl-dev, oneDNN 2.6), which dispatches to AMX (avx512_core_amx_bf16) or
-/// AVX512-BF16 (avx512_core_bf16) where the CPU has them (bench/results/device/dnnl_probe_issue15.txt):
+/// AVX512-BF16 (avx512_core_bf16) where the CPU has them (bench/results/device/2026-11-30-dnnl-probe.txt):
 ///   product:  Y (+)= X W^T   (the forward's [x; A] W^T)
 ///   adjoint:  dX (+)= G W    (dx, and the exact norm gradient's term)
 /// W is a bf16 row-major d_out x d_in matrix used in place (no copy, no prepacking: measured, a

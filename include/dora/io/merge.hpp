@@ -110,7 +110,7 @@ inline double scaled_row_norm(const PeftModule& m, const PeftModuleWeights<doubl
     const Eigen::Index at = transposed ? k * m.d_out + j : j * m.d_in + k;
     v[k] = load_as_double(src + static_cast<std::size_t>(at) * ies, src_dtype);
   }
-  v.noalias() += m.scaling * w.B.row(j) * w.A;
+  dora::detail::gemm(w.B.row(j), false, w.A, false, v, m.scaling, 1.0);
   return v.stableNorm();
 }
 
@@ -153,9 +153,9 @@ inline double merge_tensor(const std::vector<StackedModule>& stack, const std::u
     const double s = sm.module->scaling;
     V = W;
     if (!transposed)
-      V.noalias() += s * sm.weights->B.middleRows(i0, n) * sm.weights->A;
+      dora::detail::gemm(sm.weights->B.middleRows(i0, n), false, sm.weights->A, false, V, s, 1.0);
     else
-      V.noalias() += s * sm.weights->A.middleCols(i0, n).transpose() * sm.weights->B.transpose();
+      dora::detail::gemm(sm.weights->A.middleCols(i0, n), true, sm.weights->B, true, V, s, 1.0);
   };
   // The DoRA scale of output feature i: the library's one rule (dora/magnitude.hpp).
   const auto scale_of = [](double mag, double n) { return magnitude_scale(mag, n); };
