@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <array>
+#include <utility>
 
 #include "dora_linear.hpp"
 #include "lora_linear.hpp"
@@ -242,6 +243,90 @@ void unfold_conv_grad(const ConvGeometry& g, const In& dy, Matrix<Scalar>& dY) {
   });
 }
 
+/// A convolution as the dense layers see it, written once for the single-adapter convolutions and
+/// MultiConv: x (N x in*S, torch's layout) unfolded into patches X (N L x in*K), the lowered output
+/// Y (N L x out) folded back into y (N x out*L), dy unfolded the same way and the patches' gradient
+/// folded into dx (col2im). A dropout mask is drawn on x and unfolded like it, so that every copy of
+/// an input element shares its draw. Holds the buffers, so steady-state calls allocate nothing.
+template <typename Scalar>
+class ConvLowering {
+ public:
+  using MatrixType = Matrix<Scalar>;
+  using Index = Eigen::Index;
+
+  explicit ConvLowering(const ConvGeometry& geometry) : geometry_(geometry) {}
+
+  const ConvGeometry& geometry() const { return geometry_; }
+  Index input_cols() const { return geometry_.in_channels * geometry_.input_volume(); }
+  Index output_cols() const { return geometry_.out_channels * geometry_.output_volume(); }
+  /// Rows of the last lowered x (0 before the first).
+  Index batch() const { return batch_; }
+
+  void check_io(const Eigen::Ref<const MatrixType>& x, const Eigen::Ref<const MatrixType>& y) const {
+    DORA_CHECK_ARG(x.cols() == input_cols(), "x must be N x (in_channels x input size) = N x ", input_cols(), " (",
+                   geometry_.in_channels, " x ", geometry_.input_volume(), "), got ", x.rows(), " x ", x.cols());
+    DORA_CHECK_ARG(y.rows() == x.rows() && y.cols() == output_cols(),
+                   "y must be N x (out_channels x output size) = ", x.rows(), " x ", output_cols(), ", got ", y.rows(),
+                   " x ", y.cols());
+    DORA_CHECK_ARG(!overlaps(x.data(), x.size(), y.data(), y.size()), "y must not share memory with x");
+  }
+
+  /// X = im2col(x), kept for backward (which reuses it for the patches' gradient), and the lowered
+  /// output sized N L x out.
+  const MatrixType& lower_input(const Eigen::Ref<const MatrixType>& x) {
+    im2col(geometry_, x, cols_);
+    ycols_.resize(x.rows() * geometry_.output_volume(), geometry_.out_channels);
+    batch_ = x.rows();
+    return cols_;
+  }
+  /// The mask on x, drawn by draw(mask) (N x in*S, entries 0 or 1/(1-p)), unfolded like x.
+  template <typename Draw>
+  void lower_mask(Index N, Draw&& draw, MatrixType& mask) {
+    input_mask_.resize(N, input_cols());
+    draw(input_mask_);
+    im2col(geometry_, input_mask_, mask);
+  }
+  template <typename Draw>
+  const MatrixType& lower_mask(Index N, Draw&& draw) {
+    lower_mask(N, std::forward<Draw>(draw), mask_cols_);
+    return mask_cols_;
+  }
+  /// The mask of the last lower_mask() on x.
+  const MatrixType& input_mask() const { return input_mask_; }
+  MatrixType& lowered_output() { return ycols_; }
+  void fold_output(Eigen::Ref<MatrixType> y) const { fold_conv_output(geometry_, ycols_, y); }
+
+  /// dY = unfold(dy), after checking dy against the last forward.
+  const MatrixType& lower_grad(const Eigen::Ref<const MatrixType>& dy) {
+    DORA_CHECK_ARG(dy.rows() == batch_ && dy.cols() == output_cols(),
+                   "dy must be N x (out_channels x output size) = ", batch_, " x ", output_cols(), ", got ", dy.rows(),
+                   " x ", dy.cols());
+    unfold_conv_grad(geometry_, dy, dycols_);
+    return dycols_;
+  }
+  /// Where the patches' gradient goes: X's buffer, no longer needed once backward reaches it.
+  Eigen::Ref<MatrixType> input_grad_buffer() { return cols_; }
+  /// dx = col2im of the patches' gradient (dx checked against the last forward).
+  void fold_input_grad(Eigen::Ref<MatrixType> dx) const {
+    DORA_CHECK_ARG(dx.rows() == batch_ && dx.cols() == input_cols(),
+                   "dx must be N x (in_channels x input size) = ", batch_, " x ", input_cols(), ", got ", dx.rows(),
+                   " x ", dx.cols());
+    col2im(geometry_, cols_, dx);
+  }
+
+  /// The same lowering for a caller's own buffers (const inference: one workspace per thread).
+  void lower_input(const Eigen::Ref<const MatrixType>& x, MatrixType& cols, MatrixType& ycols) const {
+    im2col(geometry_, x, cols);
+    ycols.resize(x.rows() * geometry_.output_volume(), geometry_.out_channels);
+  }
+  void fold_output(const MatrixType& ycols, Eigen::Ref<MatrixType> y) const { fold_conv_output(geometry_, ycols, y); }
+
+ private:
+  ConvGeometry geometry_;
+  Index batch_ = 0;
+  MatrixType cols_, input_mask_, mask_cols_, ycols_, dycols_;
+};
+
 /// What LoRA and DoRA convolutions share: unfolding x, folding the output and dx, the dropout mask.
 /// Dense is DenseLora or DenseDora: the products on the unfolded input.
 template <typename Derived, typename Scalar, template <typename, typename, typename> class Dense,
@@ -260,74 +345,54 @@ class ConvAdapter : public Dense<Derived, Scalar, Storage> {
   using Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Scalar>>>::forward;
   using Adapter<Derived, Scalar, Eigen::Ref<const Matrix<Scalar>>>::infer;
 
-  const ConvGeometry& geometry() const { return geometry_; }
+  const ConvGeometry& geometry() const { return lowering_.geometry(); }
 
   /// x is N x (in_channels x input size), y N x (out_channels x output size), torch's layouts.
   void forward(const Eigen::Ref<const MatrixType>& x, Eigen::Ref<MatrixType> y) {
-    check_input(x, y);
-    const Index N = x.rows(), L = geometry_.output_volume();
-    im2col(geometry_, x, cols_);
+    lowering_.check_io(x, y);
+    const MatrixType& X = lowering_.lower_input(x);
     const MatrixType* mask = nullptr;
-    if (this->dropout_active()) {
-      input_mask_.resize(N, input_cols());
-      this->draw_dropout_mask(input_mask_);
-      im2col(geometry_, input_mask_, mask_cols_);
-      mask = &mask_cols_;
-    }
-    ycols_.resize(N * L, geometry_.out_channels);
-    this->forward_lowered(cols_, mask, ycols_);
-    fold_conv_output(geometry_, ycols_, y);
-    conv_batch_ = N;
+    if (this->dropout_active())
+      mask = &lowering_.lower_mask(x.rows(), [&](MatrixType& m) { this->draw_dropout_mask(m); });
+    this->forward_lowered(X, mask, lowering_.lowered_output());
+    lowering_.fold_output(y);
   }
 
   /// Same as forward() in evaluation mode, modifying nothing: thread-safe with one workspace per
   /// thread (DoRA: after prepare_inference()).
   void infer(const Eigen::Ref<const MatrixType>& x, Eigen::Ref<MatrixType> y, InferWorkspace& w) const {
-    check_input(x, y);
-    im2col(geometry_, x, w.cols);
-    w.y.resize(x.rows() * geometry_.output_volume(), geometry_.out_channels);
+    lowering_.check_io(x, y);
+    lowering_.lower_input(x, w.cols, w.y);
     this->infer_lowered(w.cols, w.y, w.u);
-    fold_conv_output(geometry_, w.y, y);
+    lowering_.fold_output(w.y, y);
   }
 
   /// The mask of the last training forward with dropout, on x: entries 0 or 1/(1-p).
-  const MatrixType& dropout_mask() const { return input_mask_; }
+  const MatrixType& dropout_mask() const { return lowering_.input_mask(); }
 
  protected:
   ConvAdapter(const ConvBase<Scalar, Storage>& base, const AdapterConfig& config)
-      : Base(kConvFactors, base.lowered, config, base.geometry.groups), geometry_(base.geometry) {}
+      : Base(kConvFactors, base.lowered, config, base.geometry.groups), lowering_(base.geometry) {}
   ConvAdapter(const ConvBase<Scalar, Storage>& base, const AdapterConfig& config, const Eigen::Ref<const MatrixType>& A,
               const Eigen::Ref<const MatrixType>& B)
-      : Base(kConvFactors, base.lowered, config, A, B, base.geometry.groups), geometry_(base.geometry) {}
+      : Base(kConvFactors, base.lowered, config, A, B, base.geometry.groups), lowering_(base.geometry) {}
 
-  Index output_cols() const { return geometry_.out_channels * geometry_.output_volume(); }
-  Index input_cols() const { return geometry_.in_channels * geometry_.input_volume(); }
-  Index saved_batch() const { return conv_batch_; }
-
-  void check_input(const Eigen::Ref<const MatrixType>& x, const Eigen::Ref<MatrixType>& y) const {
-    DORA_CHECK_ARG(x.cols() == input_cols(), "x must be N x (in_channels x input size) = N x ", input_cols(), " (",
-                   geometry_.in_channels, " x ", geometry_.input_volume(), "), got ", x.rows(), " x ", x.cols());
-    DORA_CHECK_ARG(y.rows() == x.rows() && y.cols() == output_cols(),
-                   "y must be N x (out_channels x output size) = ", x.rows(), " x ", output_cols(), ", got ", y.rows(),
-                   " x ", y.cols());
-    DORA_CHECK_ARG(!overlaps(x.data(), x.size(), y.data(), y.size()), "y must not share memory with x");
-  }
+  Index output_cols() const { return lowering_.output_cols(); }
+  Index input_cols() const { return lowering_.input_cols(); }
+  Index saved_batch() const { return lowering_.batch(); }
 
   void backward_impl(const Eigen::Ref<const MatrixType>& dy, Eigen::Ref<MatrixType>* dx) {
-    unfold_conv_grad(geometry_, dy, dycols_);
+    const MatrixType& dY = lowering_.lower_grad(dy);
     if (dx == nullptr) {
-      this->backward_lowered(dycols_, nullptr);
+      this->backward_lowered(dY, nullptr);
       return;
     }
-    // The unfolded input is no longer needed: it receives the patches' gradient.
-    Eigen::Ref<MatrixType> dcols(cols_);
-    this->backward_lowered(dycols_, &dcols);
-    col2im(geometry_, cols_, *dx);
+    Eigen::Ref<MatrixType> dX = lowering_.input_grad_buffer();
+    this->backward_lowered(dY, &dX);
+    lowering_.fold_input_grad(*dx);
   }
 
-  ConvGeometry geometry_;
-  Index conv_batch_ = 0;
-  MatrixType cols_, input_mask_, mask_cols_, ycols_, dycols_;
+  ConvLowering<Scalar> lowering_;
 };
 
 }  // namespace detail

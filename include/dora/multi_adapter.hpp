@@ -1000,7 +1000,7 @@ class MultiConv : public detail::MultiAdapter<Scalar, Storage, false> {
     std::vector<Index> of_lowered_row;
   };
 
-  explicit MultiConv(const ConvBase<Scalar, Storage>& base) : Core(checked(base).lowered), geometry_(base.geometry) {}
+  explicit MultiConv(const ConvBase<Scalar, Storage>& base) : Core(checked(base).lowered), lowering_(base.geometry) {}
 
   /// As MultiLinear::skip_dropout_rows: one mask draw per input element (x's, before im2col).
   void skip_dropout_rows(Index rows) {
@@ -1008,22 +1008,20 @@ class MultiConv : public detail::MultiAdapter<Scalar, Storage, false> {
     this->skip_dropout_draws(static_cast<std::uint64_t>(rows * input_cols()));
   }
 
-  const ConvGeometry& geometry() const { return geometry_; }
+  const ConvGeometry& geometry() const { return lowering_.geometry(); }
 
   /// x: N x (in_channels x input size), y: N x (out_channels x output size), torch's layouts.
   void forward(const Eigen::Ref<const MatrixType>& x, Eigen::Ref<MatrixType> y) {
-    check_io(x, y);
-    const Index N = x.rows(), L = geometry_.output_volume();
-    detail::im2col(geometry_, x, cols_);
-    ycols_.resize(N * L, geometry_.out_channels);
+    lowering_.check_io(x, y);
+    const Index N = x.rows();
+    const MatrixType& X = lowering_.lower_input(x);
+    MatrixType& Y = lowering_.lowered_output();
     // Dropout: one mask on x, unfolded, so that every copy of an input element shares its draw.
-    this->forward_lowered(cols_, N * L, ycols_, [&](detail::Rng& rng, double p, MatrixType& mask) {
-      xmask_.resize(N, input_cols());
-      detail::draw_dropout(rng, p, xmask_);
-      detail::im2col(geometry_, xmask_, mask);
+    this->forward_lowered(X, Y.rows(), Y, [&](detail::Rng& rng, double p, MatrixType& mask) {
+      lowering_.lower_mask(
+          N, [&](MatrixType& m) { detail::draw_dropout(rng, p, m); }, mask);
     });
-    detail::fold_conv_output(geometry_, ycols_, y);
-    conv_batch_ = N;
+    lowering_.fold_output(y);
   }
   MatrixType forward(const Eigen::Ref<const MatrixType>& x) {
     MatrixType y(x.rows(), output_cols());
@@ -1031,42 +1029,41 @@ class MultiConv : public detail::MultiAdapter<Scalar, Storage, false> {
     return y;
   }
   void backward(const Eigen::Ref<const MatrixType>& dy, Eigen::Ref<MatrixType> dx) {
-    check_grad(dy);
-    DORA_CHECK_ARG(dx.rows() == conv_batch_ && dx.cols() == input_cols(),
-                   "dx must be N x (in_channels x input size) = ", conv_batch_, " x ", input_cols(), ", got ",
+    DORA_CHECK_STATE(this->saved_, "backward needs a forward first (one forward per backward)");
+    DORA_CHECK_ARG(dx.rows() == lowering_.batch() && dx.cols() == input_cols(),
+                   "dx must be N x (in_channels x input size) = ", lowering_.batch(), " x ", input_cols(), ", got ",
                    dx.rows(), " x ", dx.cols());
-    detail::unfold_conv_grad(geometry_, dy, dycols_);
-    // The unfolded input is no longer needed (the layer kept its own copy): it receives the patches' gradient.
-    Eigen::Ref<MatrixType> dcols(cols_);
-    this->backward_lowered(dycols_, dycols_, &dcols);
-    detail::col2im(geometry_, cols_, dx);
+    const MatrixType& dY = lowering_.lower_grad(dy);
+    // The patches (the layer kept its own copy of the lowered input) receive their gradient.
+    Eigen::Ref<MatrixType> dX = lowering_.input_grad_buffer();
+    this->backward_lowered(dY, dY, &dX);
+    lowering_.fold_input_grad(dx);
   }
   MatrixType backward(const Eigen::Ref<const MatrixType>& dy) {
-    MatrixType dx(conv_batch_, input_cols());
+    MatrixType dx(lowering_.batch(), input_cols());
     backward(dy, dx);
     return dx;
   }
   void backward_parameters(const Eigen::Ref<const MatrixType>& dy) {
-    check_grad(dy);
-    detail::unfold_conv_grad(geometry_, dy, dycols_);
-    this->backward_lowered(dycols_, dycols_, nullptr);
+    DORA_CHECK_STATE(this->saved_, "backward needs a forward first (one forward per backward)");
+    const MatrixType& dY = lowering_.lower_grad(dy);
+    this->backward_lowered(dY, dY, nullptr);
   }
 
   /// The mixed batch: sample t goes through adapter of_row[t] alone (-1: the base); see MultiLinear.
   void infer_mixed(const Eigen::Ref<const MatrixType>& x, const std::vector<Index>& of_row, Eigen::Ref<MatrixType> y,
                    MixedWorkspace& w) const {
-    check_io(x, y);
+    lowering_.check_io(x, y);
     DORA_CHECK_ARG(static_cast<Index>(of_row.size()) == x.rows(), "infer_mixed: ", of_row.size(),
                    " adapters given for ", x.rows(), " samples of x");
-    const Index N = x.rows(), L = geometry_.output_volume();
-    detail::im2col(geometry_, x, w.cols);
+    const Index N = x.rows(), L = lowering_.geometry().output_volume();
+    lowering_.lower_input(x, w.cols, w.y);
     w.of_lowered_row.resize(static_cast<std::size_t>(N * L));
     for (Index n = 0; n < N; ++n)
       for (Index l = 0; l < L; ++l)
         w.of_lowered_row[static_cast<std::size_t>(n * L + l)] = of_row[static_cast<std::size_t>(n)];
-    w.y.resize(N * L, geometry_.out_channels);
     this->infer_mixed_lowered(w.cols, nullptr, w.of_lowered_row.data(), N * L, w.y, w);
-    detail::fold_conv_output(geometry_, w.y, y);
+    lowering_.fold_output(w.y, y);
   }
   MatrixType infer_mixed(const Eigen::Ref<const MatrixType>& x, const std::vector<std::string>& names) const {
     MatrixType y(x.rows(), output_cols());
@@ -1075,8 +1072,8 @@ class MultiConv : public detail::MultiAdapter<Scalar, Storage, false> {
     return y;
   }
 
-  Index output_cols() const { return geometry_.out_channels * geometry_.output_volume(); }
-  Index input_cols() const { return geometry_.in_channels * geometry_.input_volume(); }
+  Index output_cols() const { return lowering_.output_cols(); }
+  Index input_cols() const { return lowering_.input_cols(); }
 
  private:
   static const ConvBase<Scalar, Storage>& checked(const ConvBase<Scalar, Storage>& base) {
@@ -1084,24 +1081,8 @@ class MultiConv : public detail::MultiAdapter<Scalar, Storage, false> {
                    " is not supported with several adapters (use LoraConv / DoraConv for one adapter)");
     return base;
   }
-  void check_io(const Eigen::Ref<const MatrixType>& x, const Eigen::Ref<const MatrixType>& y) const {
-    DORA_CHECK_ARG(x.cols() == input_cols(), "x must be N x (in_channels x input size) = N x ", input_cols(), ", got ",
-                   x.rows(), " x ", x.cols());
-    DORA_CHECK_ARG(y.rows() == x.rows() && y.cols() == output_cols(),
-                   "y must be N x (out_channels x output size) = ", x.rows(), " x ", output_cols(), ", got ", y.rows(),
-                   " x ", y.cols());
-    DORA_CHECK_ARG(!detail::overlaps(x.data(), x.size(), y.data(), y.size()), "y must not share memory with x");
-  }
-  void check_grad(const Eigen::Ref<const MatrixType>& dy) const {
-    DORA_CHECK_STATE(this->saved_, "backward needs a forward first (one forward per backward)");
-    DORA_CHECK_ARG(dy.rows() == conv_batch_ && dy.cols() == output_cols(),
-                   "dy must be N x (out_channels x output size) = ", conv_batch_, " x ", output_cols(), ", got ",
-                   dy.rows(), " x ", dy.cols());
-  }
 
-  ConvGeometry geometry_;
-  Index conv_batch_ = 0;
-  MatrixType cols_, ycols_, dycols_, xmask_;
+  detail::ConvLowering<Scalar> lowering_;
 };
 
 /// Several adapters on one frozen embedding table (PEFT's lora.Embedding with several adapters):
