@@ -15,8 +15,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "../tests/support/dense_dora.hpp"
-#include "../tests/test_support.hpp"
+#include "dense_dora.hpp"
+#include "test_support.hpp"
 
 namespace {
 

@@ -12,7 +12,7 @@
 
 #include <dora/dora.hpp>
 
-#include "../tests/test_support.hpp"
+#include "test_support.hpp"
 
 namespace {
 

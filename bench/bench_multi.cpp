@@ -21,7 +21,7 @@
 #include <string>
 #include <vector>
 
-#include "../tests/test_support.hpp"
+#include "test_support.hpp"
 
 namespace {
 

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}
 mkdir -p "$out"
-flags=(-O3 -march=native -fopenmp -DNDEBUG -std=c++17 -Iinclude -I.device-carry -I.device-carry/inc)
+flags=(-O3 -march=native -fopenmp -DNDEBUG -std=c++17 -Iinclude -Itests/support -I.device-carry -I.device-carry/inc)
 g++ "${flags[@]}" bench/step_driver.cpp -o /tmp/step_driver
 g++ "${flags[@]}" bench/bench_dora.cpp .device-carry/lib/libbenchmark.so.1debian -lpthread -o /tmp/dora_bench
 export LD_LIBRARY_PATH=$PWD/.device-carry/lib

@@ -12,7 +12,7 @@ mkdir -p "$out/bf16"
 tar xJf .device-carry/dnnl.tar.xz -C /tmp
 export LD_LIBRARY_PATH=/tmp/dnnl/lib
 CUDA_VISIBLE_DEVICES="" python3 tools/make_bf16_reference.py --out "$out/bf16" | tee "$out/bf16_reference_log.txt"
-g++ -std=c++17 -O3 -march=native -fopenmp -DNDEBUG -DDORA_WITH_DNNL -Iinclude -I.device-carry -I/tmp/dnnl/include \
+g++ -std=c++17 -O3 -march=native -fopenmp -DNDEBUG -DDORA_WITH_DNNL -Iinclude -Itests/support -I.device-carry -I/tmp/dnnl/include \
   bench/bf16_step.cpp /tmp/dnnl/lib/libdnnl.so.2 -o /tmp/bf16_step
 lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-400 > "$out/cpu.txt"
 printf 'step\n' | DNNL_VERBOSE=1 OMP_NUM_THREADS=16 /tmp/bf16_step 4096 4096 16 512 | grep -E "exec|units" \

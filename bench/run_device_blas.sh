@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}
 mkdir -p "$out" /tmp/blas
 tar xJf .device-carry/blas.tar.xz -C /tmp/blas
-flags=(-O3 -march=native -fopenmp -DNDEBUG -std=c++17 -Iinclude -I.device-carry)
+flags=(-O3 -march=native -fopenmp -DNDEBUG -std=c++17 -Iinclude -Itests/support -I.device-carry)
 g++ "${flags[@]}" bench/step_driver.cpp -o /tmp/sd_eigen &
 g++ "${flags[@]}" -DEIGEN_USE_BLAS bench/step_driver.cpp /tmp/blas/libopenblas.so.0 -o /tmp/sd_openblas &
 g++ "${flags[@]}" -DEIGEN_USE_BLAS bench/step_driver.cpp /tmp/blas/libblis.so.4 -o /tmp/sd_blis &

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}
 mkdir -p "$out"
-g++ -O3 -march=native -fopenmp -DNDEBUG -std=c++17 -Iinclude -I.device-carry -I.device-carry/inc \
+g++ -O3 -march=native -fopenmp -DNDEBUG -std=c++17 -Iinclude -Itests/support -I.device-carry -I.device-carry/inc \
   bench/bench_dora.cpp .device-carry/lib/libbenchmark.so.1debian -lpthread -o /tmp/dora_bench
 export LD_LIBRARY_PATH=$PWD/.device-carry/lib
 filter='Step(Base|Lora|Dora|DoraExact)/4096/4096/16/512|Step(Lora|Dora)/11008/4096/64/512|Forward(Lora|DoraEval)/4096/4096/16/512|RowNorm.*/11008'

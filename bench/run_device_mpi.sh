@@ -18,7 +18,7 @@ export PATH=$mpi/bin:$PATH
 export PMIX_MCA_pcompress_base_silence_warning=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_btl=self,vader OMPI_MCA_pml=ob1 OMPI_MCA_btl_vader_single_copy_mechanism=none
-g++ -O3 -march=native -fopenmp -DNDEBUG -std=c++17 -Iinclude -I.device-carry -I"$mpi/include" \
+g++ -O3 -march=native -fopenmp -DNDEBUG -std=c++17 -Iinclude -Itests/support -I.device-carry -I"$mpi/include" \
   bench/mpi_scaling.cpp -L"$mpi/libs" -l:libmpi.so.40 -o /tmp/mpi_scaling
 lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core|Socket|NUMA" > "$out/cpu.txt"
 orterun --version | head -1 > "$out/mpi_version.txt"

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}
 mkdir -p "$out"
-g++ -O3 -march=native -fopenmp -DNDEBUG -std=c++17 -Iinclude -I.device-carry -I.device-carry/inc \
+g++ -O3 -march=native -fopenmp -DNDEBUG -std=c++17 -Iinclude -Itests/support -I.device-carry -I.device-carry/inc \
   bench/bench_multi.cpp .device-carry/lib/libbenchmark.so.1debian -lpthread -o /tmp/dora_bench_multi
 export LD_LIBRARY_PATH=$PWD/.device-carry/lib
 for t in 16 1; do

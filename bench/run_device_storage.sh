@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}
 mkdir -p "$out"
-flags=(-O3 -march=native -fopenmp -DNDEBUG -std=c++17 -Iinclude -I.device-carry)
+flags=(-O3 -march=native -fopenmp -DNDEBUG -std=c++17 -Iinclude -Itests/support -I.device-carry)
 g++ "${flags[@]}" bench/step_driver.cpp -o /tmp/step_driver &
 g++ "${flags[@]}" bench/memory.cpp -o /tmp/dora_memory &
 wait

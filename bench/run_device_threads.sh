@@ -10,11 +10,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-out}
 mkdir -p "$out"
-flags="-O3 -march=native -fopenmp -DNDEBUG -std=c++17 -I.device-carry"
+flags="-O3 -march=native -fopenmp -DNDEBUG -std=c++17 -I.device-carry -Itests/support"
 g++ $flags bench/split_products.cpp -o /tmp/split_products
 for t in 16 1; do OMP_NUM_THREADS=$t OMP_PROC_BIND=close OMP_PLACES=cores /tmp/split_products; done \
   | tee "$out/split_products.txt"
-g++ $flags -Iinclude bench/step_driver.cpp -o /tmp/sd_new
+g++ $flags -Iinclude -Itests/support bench/step_driver.cpp -o /tmp/sd_new
 mkdir -p /tmp/old && tar xzf "${OLD_TREE:-.device-carry/old_tree.tar.gz}" -C /tmp/old
 g++ $flags -I/tmp/old/include /tmp/old/bench/step_driver.cpp -o /tmp/sd_old
 CUDA_VISIBLE_DEVICES="" PYTHONUNBUFFERED=1 python3 bench/device_threads.py | tee "$out/threads.txt"

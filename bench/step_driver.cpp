@@ -19,9 +19,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "../tests/support/dense_dora.hpp"
-#include "../tests/test_support.hpp"
 #include "base_dtype.hpp"
+#include "dense_dora.hpp"
+#include "test_support.hpp"
 
 namespace {
 using S = float;

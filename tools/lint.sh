@@ -9,7 +9,7 @@ clang-format --dry-run --Werror "${sources[@]}"
 build=${1:-build-lint}
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_EXPORT_COMPILE_COMMANDS=ON -DDORA_BUILD_BENCH=ON -DDORA_TEST_UNITY=OFF >/dev/null
 # One translation unit per area: every library header is included by at least one of these.
-units=(examples/quickstart.cpp tools/dora_merge.cpp bench/memory.cpp tests/test_layers.cpp tests/test_edge_cases.cpp tests/test_layer_parity.cpp)
+units=(examples/quickstart.cpp tools/dora_merge.cpp bench/memory.cpp tests/layers/behaviour.cpp tests/layers/edge_cases.cpp tests/parity/embedding_conv.cpp)
 # dora::mpi (where MPI is found): its header through the scaling benchmark.
 [ -f "$build/bench/CMakeFiles/dora_mpi_scaling.dir/flags.make" ] && units+=(bench/mpi_scaling.cpp)
 # dora::dnnl (where oneDNN is found): its header, and the layers' dispatch to it, through the bf16 driver.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference data for the bf16 compute backend (tests/test_dnnl.cpp), made with real PEFT.
+"""Reference data for the bf16 compute backend (tests/backends/dnnl.cpp), made with real PEFT.
 
 Each case is one nn.Linear whose weight is rounded to bf16 first (so W is exactly a bf16 tensor, as
 a layer storing W in bf16 sees it), wrapped by peft.get_peft_model with use_dora=True,

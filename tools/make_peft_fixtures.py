@@ -58,7 +58,7 @@ CASES = [
 # PEFT's merge_and_unload then computes in bf16, rounding after every step, where the cases above
 # (adapter weights upcast to float32 by PEFT's default) merge in float32 and round once.
 # Listed in cases_bf16_adapter.json, not cases.json: their merges differ from PEFT's on purpose
-# (tests/test_peft_parity.cpp, docs/peft_interop.md).
+# (tests/parity/linear.cpp, docs/peft_interop.md).
 CASES_BF16_ADAPTER = [
     dict(name="dora_bf16_adapter_bf16", dtype="bfloat16", use_dora=True, r=8, lora_alpha=16, use_rslora=False,
          rank_pattern={}, alpha_pattern={}, target_modules=["q_proj", "v_proj", "fc1", "fc2"], seed=5,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Make the reference data in tests/data/ with real HuggingFace PEFT.
+"""Make the reference data in tests/data/linear/ with real HuggingFace PEFT.
 
 Each case builds a tiny torch module holding one nn.Linear named ``lin`` and wraps it with
 ``peft.get_peft_model(model, LoraConfig(...))`` (use_dora / use_rslora as the case says,
@@ -20,7 +20,7 @@ Also <out>/index.json (the case names) and <out>/init_info.json (PEFT's own A/B 
 quoted from its source).
 
 Usage (needs torch and peft; runs on CPU in a few seconds):
-  CUDA_VISIBLE_DEVICES="" python3 tools/make_reference.py --out tests/data
+  CUDA_VISIBLE_DEVICES="" python3 tools/make_reference.py --out tests/data/linear
 """
 
 import argparse
@@ -334,7 +334,7 @@ def make_init_info(torch, peft, out_dir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join("tests", "data"), help="output directory (default tests/data)")
+    ap.add_argument("--out", default=os.path.join("tests", "data", "linear"), help="output directory (default tests/data/linear)")
     ap.add_argument("--only", nargs="*", help="make only these cases")
     args = ap.parse_args()
 

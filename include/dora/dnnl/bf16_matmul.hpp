@@ -11,7 +11,7 @@
 /// stored so; every product accumulates in float. DoRA's own products with W (the norm's
 /// P^T = A W^T, the exact gradient's Z W) ask for `precise`: the operand is split into two bf16
 /// parts, hi = bf16(X) and lo = bf16(X - hi), so it enters at 2^-16 relative, not 2^-8
-/// (docs/bf16.md derives the bounds; tests/test_dnnl.cpp checks them against float64).
+/// (docs/bf16.md derives the bounds; tests/backends/dnnl.cpp checks them against float64).
 ///
 /// Used through the target dora::dnnl (CMake; it defines DORA_WITH_DNNL): the layers then send
 /// their products with a bf16-stored W here where the CPU has bf16 units (detail/stored_product.hpp).

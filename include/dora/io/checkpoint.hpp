@@ -16,7 +16,7 @@
 // PeftError naming the file and what is wrong, and the optimizer is left as it was. Restoring the
 // layers' factors from <dir>/adapter (PeftAdapter) and their dropout streams from state.rng
 // (set_dropout_state) makes a resumed run continue bit for bit like the uninterrupted one
-// (tests/test_checkpoint.cpp).
+// (tests/io/checkpoint.cpp).
 #pragma once
 
 // clang-format off (include sorting would move it): the platform checks precede every system header

@@ -93,8 +93,8 @@ void run_named_case(const std::string& dir, const std::string& name) {
 
 }  // namespace
 
-TEST_CASE("Every case in tests/data agrees with PEFT 0.21", "[peft][parity]") {
-  const std::string dir = DORA_TEST_DATA_DIR;
+TEST_CASE("Every case in tests/data/linear agrees with PEFT 0.21", "[peft][parity]") {
+  const std::string dir = std::string(DORA_TEST_DATA_DIR) + "/linear";
   const nlohmann::json index = read_json(dir + "/index.json");
   REQUIRE(index.size() >= 12);
   for (const auto& entry : index) {

@@ -8,7 +8,7 @@
 //   - the DoRA norm in float on a stored W against a double-precision dense computation, within
 //     the factored norm's bound (dequantization is exact in float, so the bound is float's);
 //   - errors that name what was wrong.
-// The contract suite (test_contract.cpp) runs finite differences and the rest of the contract on
+// The contract suite (tests/layers/contract.cpp) runs finite differences and the rest of the contract on
 // a bf16 and a Q4_0 Linear, a bf16 Conv2d and a Q8_0 embedding.
 
 #include <array>

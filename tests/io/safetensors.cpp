@@ -1,4 +1,6 @@
 // Tests of dora::io: half conversions (exhaustive), safetensors reading, writing, hostile input.
+#include "dora/io/safetensors.hpp"
+
 #include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -18,7 +20,6 @@
 #include <string>
 #include <vector>
 
-#include "dora/io/safetensors.hpp"
 #include "io_support.hpp"
 
 using dora::io::Dtype;

@@ -188,7 +188,7 @@ void check_bounds(const std::string& name, const Outputs& o, const Md& y, const 
 }  // namespace
 
 // The float64 reference is the double layer on the same stored values (W widened exactly): the
-// layer whose every gradient the finite-difference tests check (test_gradients.cpp). With the
+// layer whose every gradient the finite-difference tests check (tests/layers/gradients.cpp). With the
 // backend, bf16 rounding enters in two places only: the batch x (dropped) in the forward's product,
 // and G diag(g) in dx's product. DoRA's own products with W (the norm's P^T = A W^T, the exact
 // gradient's (diag(beta) B)^T W) go in two bf16 parts (2^-16), and everything else is float. So,

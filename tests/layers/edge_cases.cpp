@@ -6,7 +6,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "support/dense_dora.hpp"
+#include "dense_dora.hpp"
 #include "test_support.hpp"
 
 using namespace dora_test;

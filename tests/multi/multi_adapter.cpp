@@ -6,7 +6,7 @@
 // - finite differences (double) of the stacked layer's exact gradients, with dropout;
 // - a written-out dense oracle of PEFT's dropout rule, the mixed batch's DoRA rows against the
 //   single-adapter layers, unmerge, the registry's errors. (No allocation in steady state:
-//   test_contract.cpp, which builds with EIGEN_RUNTIME_NO_MALLOC.)
+//   tests/layers/contract.cpp, which builds with EIGEN_RUNTIME_NO_MALLOC.)
 
 #include <algorithm>
 #include <catch2/catch.hpp>

@@ -3,7 +3,7 @@
 
 #include <catch2/catch.hpp>
 
-#include "support/dense_dora.hpp"
+#include "dense_dora.hpp"
 #include "test_support.hpp"
 
 using namespace dora_test;
