@@ -306,13 +306,9 @@ class ConvLowering {
   }
   /// Where the patches' gradient goes: X's buffer, no longer needed once backward reaches it.
   Eigen::Ref<MatrixType> input_grad_buffer() { return cols_; }
-  /// dx = col2im of the patches' gradient (dx checked against the last forward).
-  void fold_input_grad(Eigen::Ref<MatrixType> dx) const {
-    DORA_CHECK_ARG(dx.rows() == batch_ && dx.cols() == input_cols(),
-                   "dx must be N x (in_channels x input size) = ", batch_, " x ", input_cols(), ", got ", dx.rows(),
-                   " x ", dx.cols());
-    col2im(geometry_, cols_, dx);
-  }
+  /// dx = col2im of the patches' gradient. dx is batch() x input_cols(): the callers check it before
+  /// backward changes any state, so that a refused call leaves the gradients as they were.
+  void fold_input_grad(Eigen::Ref<MatrixType> dx) const { col2im(geometry_, cols_, dx); }
 
   /// The same lowering for a caller's own buffers (const inference: one workspace per thread).
   void lower_input(const Eigen::Ref<const MatrixType>& x, MatrixType& cols, MatrixType& ycols) const {
